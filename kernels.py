@@ -1,0 +1,857 @@
+"""Triton kernels for the fast SSD engine, each next to the plain PyTorch reference it must equal.
+
+Layout, in the style of the Triton tutorials: for every kernel first ``*_ref`` (the definition, plain torch),
+then the ``@triton.jit`` kernel, then the Python wrapper that checks shapes and launches it.
+
+    cache_attention   decode / verify attention over a KV cache, causal over the T new queries, GQA
+    tree_attention    SSD tree decode step: shared trunk+glue in the cache, one private chain per branch,
+                      implicit mask, the two parts merged by log-sum-exp
+    add_rmsnorm       fused residual add + RMSNorm (and plain ``rmsnorm``, also used for Qwen3 q/k-norm)
+    rope              rotate-half rotary embedding, gathering cos/sin rows by per-token position
+    sample_exponential_race / sample_from_logits
+                      exact sampling without a host sync: argmax_i p_i / E_i with E_i ~ Exp(1)
+    verify            the exact speculative-sampling step (accept while u*q(s) < p(s), residual sample)
+
+Every wrapper also runs on CPU tensors under the Triton interpreter: set ``TRITON_INTERPRET=1`` before
+triton is imported (the tests do this when no GPU is present).  Nothing here synchronizes with the host:
+data-dependent lengths (cache_lens, trunk_lens, branch_glue, n_accepted) stay on the device and are only
+used inside kernels, so every wrapper can be captured in a CUDA graph.  Only Triton language features
+present in both triton 3.6 and 3.9 are used.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "cache_attention", "cache_attention_ref",
+    "tree_attention", "tree_attention_ref",
+    "add_rmsnorm", "add_rmsnorm_ref", "rmsnorm", "rmsnorm_ref",
+    "rope", "rope_ref",
+    "sample_exponential_race", "sample_exponential_race_ref",
+    "sample_from_logits", "sample_from_logits_ref",
+    "verify", "verify_ref", "verify_greedy",
+]
+
+# triton.jit decides at decoration time whether it interprets; remember what it decided.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+
+
+def _check_device(*tensors):
+    dev = tensors[0].device
+    for t in tensors:
+        if t is not None:
+            assert t.device == dev, f"all tensors must be on one device, got {t.device} and {dev}"
+    if dev.type == "cpu" and not INTERPRET:
+        raise RuntimeError("kernels.py: CPU tensors need the Triton interpreter; set TRITON_INTERPRET=1 before "
+                           "importing triton, or call the *_ref function instead")
+
+
+def _gpu_programs_target(device) -> int:
+    """About two programs per SM keeps the GPU busy; on the interpreter fewer programs is simply faster."""
+    if device.type != "cuda":
+        return 1
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# ======================================================================================================
+# 1. Cache attention (decode T = 1, verify T = K + 1)
+# ======================================================================================================
+
+def cache_attention_ref(q, k_cache, v_cache, cache_lens, scale):
+    """Reference. q [B, T, H, D]; k_cache, v_cache [B, S, Hkv, D]; cache_lens [B] = valid slots before the T
+    new queries, whose keys are already in the cache at slots cache_lens[b] + t.  Query t of row b attends
+    slots 0 .. cache_lens[b] + t.  float32 softmax, output in q's dtype."""
+    B, T, H, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    G = H // Hkv
+    qf = q.float()
+    kf = k_cache.float().repeat_interleave(G, dim=2)  # [B, S, H, D]
+    vf = v_cache.float().repeat_interleave(G, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", qf, kf) * scale
+    slots = torch.arange(S, device=q.device)
+    limit = cache_lens.to(torch.long)[:, None] + torch.arange(T, device=q.device)[None, :]  # [B, T]
+    mask = slots[None, None, :] <= limit[:, :, None]  # [B, T, S]
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("bhts,bshd->bthd", probs, vf).to(q.dtype)
+
+
+@triton.jit
+def _attend_cache_blocks(q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                         start, end, limit, offs_d, d_mask, qk_scale, m_i, l_i, acc,
+                         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax (base 2) of the query block q [M, Dp] over cache slots [start, end), row m seeing only
+    slots < limit[m].  One K/V block load serves all M rows (GQA heads and queries share it)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + offs_n
+        col_ok = cols < end
+        kt = tl.load(k_base + offs_d[:, None] * stride_kd + cols[None, :] * stride_ks,
+                     mask=d_mask[:, None] & col_ok[None, :], other=0.0)  # [Dp, N]
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [M, N]
+        s = tl.where(col_ok[None, :] & (cols[None, :] < limit[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=col_ok[:, None] & d_mask[None, :], other=0.0)  # [N, Dp]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _store_attention_result(acc, m_i, l_i, out_ptr, part_o_ptr, part_lse_ptr, b, tq, hq, row_ok,
+                            offs_d, d_mask, split, T, H, D, n_rows_total,
+                            stride_ob, stride_ot, stride_oh, stride_od, NUM_SPLITS: tl.constexpr):
+    """Either the final normalized output, or (split-K) this split's normalized partial and its log2-sum-exp."""
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        ptrs = (out_ptr + b.to(tl.int64) * stride_ob + tq[:, None] * stride_ot + hq[:, None] * stride_oh
+                + offs_d[None, :] * stride_od)
+        tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+    else:
+        r = (b * T + tq) * H + hq  # row of the flattened [B, T, H] partial buffers
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        base = split.to(tl.int64) * n_rows_total + r
+        tl.store(part_lse_ptr + base, lse, mask=row_ok)
+        tl.store(part_o_ptr + base[:, None] * D + offs_d[None, :], o, mask=row_ok[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _cache_attention_kernel(
+        q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+        T, H, HKV, G, S, D, qk_scale, stride_lens,
+        stride_qb, stride_qt, stride_qh, stride_qd,
+        stride_kb, stride_ks, stride_kh, stride_kd,
+        stride_vb, stride_vs, stride_vh, stride_vd,
+        stride_ob, stride_ot, stride_oh, stride_od,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Flash-decoding over a slot-indexed KV cache.  Program (b * HKV + g, m_block, split): the M rows are the
+    (query t, head of KV group g) pairs, so all G query heads of a KV head share every K/V load; the causal
+    limit is per row.  With NUM_SPLITS > 1 each split covers one contiguous slice of the row's live slots
+    and writes a partial result that _merge_splits_kernel combines."""
+    pid_bg = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bg // HKV
+    g = pid_bg % HKV
+    n_rows = T * G
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    rows_c = tl.minimum(rows, n_rows - 1)  # padded rows alias a real one; they are never stored
+    tq = rows_c // G
+    hq = g * G + rows_c % G
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+
+    cache_len = tl.load(lens_ptr + b * stride_lens).to(tl.int32)
+    limit = cache_len + tq + 1  # exclusive, per row
+    t_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, n_rows - 1) // G
+    n_end = tl.minimum(cache_len + t_hi + 1, S)
+    chunk = tl.cdiv(tl.cdiv(n_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, n_end)
+
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + tq[:, None] * stride_qt + hq[:, None] * stride_qh
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + g * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + g * stride_vh
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i, l_i, acc = _attend_cache_blocks(q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                                         start, end, limit, offs_d, d_mask, qk_scale, m_i, l_i, acc,
+                                         BLOCK_N, DOT_PRECISION)
+    n_rows_total = tl.num_programs(0) // HKV * T * H
+    _store_attention_result(acc, m_i, l_i, out_ptr, part_o_ptr, part_lse_ptr, b, tq, hq, row_ok, offs_d,
+                            d_mask, split, T, H, D, n_rows_total, stride_ob, stride_ot, stride_oh, stride_od,
+                            NUM_SPLITS)
+
+
+@triton.jit
+def _merge_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, n_rows_total, T, H, D,
+                         stride_ob, stride_ot, stride_oh, stride_od,
+                         NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Split-K epilogue: out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse).  One program per
+    (b, t, h) row; empty splits have lse = -inf and weight 0."""
+    r = tl.program_id(0)
+    b = r // (T * H)
+    tq = (r // H) % T
+    hq = r % H
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    s_ok = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    lse = tl.load(part_lse_ptr + offs_s.to(tl.int64) * n_rows_total + r, mask=s_ok, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, axis=0))
+    o = tl.load(part_o_ptr + (offs_s.to(tl.int64) * n_rows_total + r)[:, None] * D + offs_d[None, :],
+                mask=s_ok[:, None] & d_mask[None, :], other=0.0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + tq * stride_ot + hq * stride_oh + offs_d * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _attention_blocks(n_rows_per_group, D, device, block_n):
+    BLOCK_M = max(16, min(64, triton.next_power_of_2(n_rows_per_group)))  # tl.dot needs >= 16
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if block_n is None:
+        block_n = 64 if device.type == "cuda" else 32
+    assert block_n >= 16 and block_n & (block_n - 1) == 0, "block_n must be a power of two >= 16"
+    return BLOCK_M, block_n, BLOCK_D
+
+
+def _choose_splits(num_splits, programs, S, block_n, device):
+    """Split the live slots over several programs only when there are too few programs to fill the GPU and
+    the context (capacity S, known without a host sync) is long enough to be worth it."""
+    if num_splits is not None:
+        assert num_splits >= 1
+        return int(num_splits)
+    target = _gpu_programs_target(device)
+    if programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, programs), S // (4 * block_n), 16))
+
+
+def _dot_precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+
+
+def _launch_merge(part_o, part_lse, out, num_splits, T, H, D, BLOCK_D):
+    n_rows_total = part_lse.shape[1]
+    _merge_splits_kernel[(n_rows_total,)](
+        part_o, part_lse, out, n_rows_total, T, H, D, *out.stride(),
+        NUM_SPLITS=num_splits, BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=BLOCK_D)
+
+
+def cache_attention(q, k_cache, v_cache, cache_lens, scale, *, num_splits=None, block_n=None):
+    """Attention of T new queries per row over a KV cache (T = 1 decode, T = K + 1 verify).
+
+    q [B, T, H, D]; k_cache, v_cache [B, S, Hkv, D] (slot = position, the T new keys already written at slots
+    cache_lens[b] .. cache_lens[b] + T - 1); cache_lens int [B].  Query t of row b attends slots
+    0 .. cache_lens[b] + t.  Fuses QK^T, the causal/length mask, online softmax and PV in one pass over the
+    cache (flash-decoding); GQA heads of one KV head share K/V loads; optional split-K over the live slots
+    with a log-sum-exp merge for long contexts at small batch.  Returns [B, T, H, D] in q's dtype.
+    The caller guarantees cache_lens[b] + T <= S (slots past S are never read).
+    """
+    assert q.dim() == 4, f"q must be [B, T, H, D], got {tuple(q.shape)}"
+    B, T, H, D = q.shape
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, \
+        f"k_cache/v_cache must both be [B, S, Hkv, D], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+    _, S, Hkv, Dk = k_cache.shape
+    assert k_cache.shape[0] == B and Dk == D, f"cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)}"
+    assert H % Hkv == 0, f"query heads {H} must be a multiple of KV heads {Hkv}"
+    assert q.dtype == k_cache.dtype == v_cache.dtype, "q, k_cache, v_cache must share a dtype"
+    assert cache_lens.shape == (B,) and not cache_lens.is_floating_point(), "cache_lens must be an int tensor [B]"
+    assert T >= 1 and S >= 1
+    _check_device(q, k_cache, v_cache, cache_lens)
+    G = H // Hkv
+    BLOCK_M, BLOCK_N, BLOCK_D = _attention_blocks(T * G, D, q.device, block_n)
+    m_blocks = triton.cdiv(T * G, BLOCK_M)
+    splits = _choose_splits(num_splits, B * Hkv * m_blocks, S, BLOCK_N, q.device)
+    out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
+    if splits > 1:
+        part_o = torch.empty((splits, B * T * H, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((splits, B * T * H), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused
+    _cache_attention_kernel[(B * Hkv, m_blocks, splits)](
+        q, k_cache, v_cache, cache_lens, out, part_o, part_lse,
+        T, H, Hkv, G, S, D, float(scale) * LOG2E, cache_lens.stride(0),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, NUM_SPLITS=splits,
+        DOT_PRECISION=_dot_precision(q.dtype))
+    if splits > 1:
+        _launch_merge(part_o, part_lse, out, splits, T, H, D, BLOCK_D)
+    return out
+
+
+# ======================================================================================================
+# 2. Tree attention (SSD tree decode, draft side)
+# ======================================================================================================
+
+def tree_attention_ref(q, k_cache, v_cache, trunk_lens, branch_glue, k_tree, v_tree, depth, scale):
+    """Reference with a dense mask.  q [B, N, H, D] (one query per branch); branch i of row b sees cache
+    slots 0 .. trunk_lens[b] + branch_glue[b, i] (inclusive) and its own chain entries k_tree/v_tree
+    [B, N, Kmax, Hkv, D] 0 .. depth (inclusive).  Plain float32 softmax over the concatenated keys."""
+    B, N, H, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    Kmax = k_tree.shape[2]
+    G = H // Hkv
+    qf = q.float()
+    kc = k_cache.float().repeat_interleave(G, dim=2)  # [B, S, H, D]
+    vc = v_cache.float().repeat_interleave(G, dim=2)
+    kt = k_tree.float().repeat_interleave(G, dim=3)  # [B, N, Kmax, H, D]
+    vt = v_tree.float().repeat_interleave(G, dim=3)
+    s_cache = torch.einsum("bnhd,bshd->bnhs", qf, kc)
+    s_tree = torch.einsum("bnhd,bnjhd->bnhj", qf, kt)
+    scores = torch.cat([s_cache, s_tree], dim=-1) * scale  # [B, N, H, S + Kmax]
+    limit = trunk_lens.to(torch.long)[:, None] + branch_glue.to(torch.long)  # [B, N]
+    cache_mask = torch.arange(S, device=q.device)[None, None, :] <= limit[:, :, None]  # [B, N, S]
+    tree_mask = (torch.arange(Kmax, device=q.device) <= depth)[None, None, :].expand(B, N, Kmax)
+    mask = torch.cat([cache_mask, tree_mask], dim=-1)  # [B, N, S + Kmax]
+    probs = torch.softmax(scores.masked_fill(~mask[:, :, None, :], float("-inf")), dim=-1)
+    out = torch.einsum("bnhs,bshd->bnhd", probs[..., :S], vc) + torch.einsum("bnhj,bnjhd->bnhd", probs[..., S:], vt)
+    return out.to(q.dtype)
+
+
+@triton.jit
+def _tree_attention_kernel(
+        q_ptr, k_ptr, v_ptr, trunk_ptr, glue_ptr, kt_ptr, vt_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+        N, H, HKV, G, S, D, depth, qk_scale, stride_trunk,
+        stride_qb, stride_qn, stride_qh, stride_qd,
+        stride_kb, stride_ks, stride_kh, stride_kd,
+        stride_vb, stride_vs, stride_vh, stride_vd,
+        stride_gb, stride_gn,
+        stride_ktb, stride_ktn, stride_ktj, stride_kth, stride_ktd,
+        stride_vtb, stride_vtn, stride_vtj, stride_vth, stride_vtd,
+        stride_ob, stride_on, stride_oh, stride_od,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Program (b * HKV + g, m_block, split); rows are (branch, head of group g).  Part 1: the shared
+    trunk + glue from the cache, one K/V block load for all branches, per-row limit
+    trunk_len + glue + 1 (the implicit mask).  Part 2 (last split only): each branch's own chain entries
+    0..depth, a per-row dot product since every branch has different keys.  Each part keeps its own
+    online-softmax state; they are merged by log-sum-exp."""
+    pid_bg = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bg // HKV
+    g = pid_bg % HKV
+    n_rows = N * G
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    rows_c = tl.minimum(rows, n_rows - 1)
+    br = rows_c // G  # branch
+    hq = g * G + rows_c % G
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    b64 = b.to(tl.int64)
+
+    trunk = tl.load(trunk_ptr + b * stride_trunk).to(tl.int32)
+    glue = tl.load(glue_ptr + b64 * stride_gb + br * stride_gn).to(tl.int32)
+    limit = trunk + glue + 1
+    n_end = tl.minimum(tl.max(tl.where(row_ok, limit, 0), axis=0), S)
+    chunk = tl.cdiv(tl.cdiv(n_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, n_end)
+
+    q = tl.load(q_ptr + b64 * stride_qb + br[:, None] * stride_qn + hq[:, None] * stride_qh
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+    m_c = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_c = tl.zeros([BLOCK_M], tl.float32)
+    acc_c = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_c, l_c, acc_c = _attend_cache_blocks(q, k_ptr + b64 * stride_kb + g * stride_kh,
+                                           v_ptr + b64 * stride_vb + g * stride_vh,
+                                           stride_ks, stride_kd, stride_vs, stride_vd,
+                                           start, end, limit, offs_d, d_mask, qk_scale, m_c, l_c, acc_c,
+                                           BLOCK_N, DOT_PRECISION)
+
+    # chain part: entries 0..depth of this branch's own scratch, done once (by the last split)
+    qf = q.to(tl.float32)
+    m_t = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_t = tl.zeros([BLOCK_M], tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    chain_end = tl.where(split == NUM_SPLITS - 1, depth + 1, 0)
+    kt_base = kt_ptr + b64 * stride_ktb + br[:, None] * stride_ktn + g * stride_kth + offs_d[None, :] * stride_ktd
+    vt_base = vt_ptr + b64 * stride_vtb + br[:, None] * stride_vtn + g * stride_vth + offs_d[None, :] * stride_vtd
+    ld_mask = row_ok[:, None] & d_mask[None, :]
+    for j in range(0, chain_end):
+        kj = tl.load(kt_base + j * stride_ktj, mask=ld_mask, other=0.0).to(tl.float32)
+        s = tl.sum(qf * kj, axis=1) * qk_scale
+        m_new = tl.maximum(m_t, s)
+        alpha = tl.exp2(m_t - m_new)
+        p = tl.exp2(s - m_new)
+        l_t = l_t * alpha + p
+        vj = tl.load(vt_base + j * stride_vtj, mask=ld_mask, other=0.0).to(tl.float32)
+        acc_t = acc_t * alpha[:, None] + p[:, None] * vj
+        m_t = m_new
+
+    # log-sum-exp merge of the two parts
+    m_i = tl.maximum(m_c, m_t)
+    a_c = tl.exp2(m_c - m_i)
+    a_t = tl.exp2(m_t - m_i)
+    l_i = l_c * a_c + l_t * a_t
+    acc = acc_c * a_c[:, None] + acc_t * a_t[:, None]
+    n_rows_total = tl.num_programs(0) // HKV * N * H
+    _store_attention_result(acc, m_i, l_i, out_ptr, part_o_ptr, part_lse_ptr, b, br, hq, row_ok, offs_d,
+                            d_mask, split, N, H, D, n_rows_total, stride_ob, stride_on, stride_oh, stride_od,
+                            NUM_SPLITS)
+
+
+def tree_attention(q, k_cache, v_cache, trunk_lens, branch_glue, k_tree, v_tree, depth, scale, *,
+                   num_splits=None, block_n=None):
+    """One SSD tree-decode attention step with an implicit mask (no dense mask, nothing planned on the host).
+
+    q [B, N, H, D]: one query per branch at tree depth ``depth`` (python int).  The trunk + glue live in
+    k_cache/v_cache [B, S, Hkv, D]; branch i of row b sees slots 0 .. trunk_lens[b] + branch_glue[b, i]
+    (inclusive; glue offset j in 0..K selects the glue tokens r, s1..sj) and entries 0..depth of its own chain
+    k_tree/v_tree [B, N, Kmax, Hkv, D] (entry ``depth`` is this step's key, already written).  Fuses both
+    attention parts and their log-sum-exp merge in one kernel; the trunk is loaded once per KV head for all
+    branches.  Returns [B, N, H, D] in q's dtype.
+    """
+    assert q.dim() == 4, f"q must be [B, N, H, D], got {tuple(q.shape)}"
+    B, N, H, D = q.shape
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, \
+        f"k_cache/v_cache must both be [B, S, Hkv, D], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+    _, S, Hkv, Dk = k_cache.shape
+    assert k_cache.shape[0] == B and Dk == D, f"cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)}"
+    assert H % Hkv == 0, f"query heads {H} must be a multiple of KV heads {Hkv}"
+    assert k_tree.dim() == 5 and k_tree.shape == v_tree.shape, \
+        f"k_tree/v_tree must both be [B, N, Kmax, Hkv, D], got {tuple(k_tree.shape)} and {tuple(v_tree.shape)}"
+    Kmax = k_tree.shape[2]
+    assert k_tree.shape == (B, N, Kmax, Hkv, D), f"k_tree {tuple(k_tree.shape)} does not match q/cache"
+    depth = int(depth)
+    assert 0 <= depth < Kmax, f"depth {depth} must be in [0, Kmax={Kmax})"
+    assert q.dtype == k_cache.dtype == v_cache.dtype == k_tree.dtype == v_tree.dtype, \
+        "q, caches and tree scratch must share a dtype"
+    assert trunk_lens.shape == (B,) and not trunk_lens.is_floating_point(), "trunk_lens must be an int tensor [B]"
+    assert branch_glue.shape == (B, N) and not branch_glue.is_floating_point(), \
+        "branch_glue must be an int tensor [B, N]"
+    _check_device(q, k_cache, v_cache, trunk_lens, branch_glue, k_tree, v_tree)
+    G = H // Hkv
+    BLOCK_M, BLOCK_N, BLOCK_D = _attention_blocks(N * G, D, q.device, block_n)
+    m_blocks = triton.cdiv(N * G, BLOCK_M)
+    splits = _choose_splits(num_splits, B * Hkv * m_blocks, S, BLOCK_N, q.device)
+    out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
+    if splits > 1:
+        part_o = torch.empty((splits, B * N * H, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((splits, B * N * H), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out
+    _tree_attention_kernel[(B * Hkv, m_blocks, splits)](
+        q, k_cache, v_cache, trunk_lens, branch_glue, k_tree, v_tree, out, part_o, part_lse,
+        N, H, Hkv, G, S, D, depth, float(scale) * LOG2E, trunk_lens.stride(0),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *branch_glue.stride(),
+        *k_tree.stride(), *v_tree.stride(), *out.stride(),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, NUM_SPLITS=splits,
+        DOT_PRECISION=_dot_precision(q.dtype))
+    if splits > 1:
+        _launch_merge(part_o, part_lse, out, splits, N, H, D, BLOCK_D)
+    return out
+
+
+# ======================================================================================================
+# 3. Fused residual add + RMSNorm
+# ======================================================================================================
+
+def add_rmsnorm_ref(x, residual, weight, eps):
+    """Reference: new_residual = x + residual (rounded to x's dtype, as it is stored), normed =
+    rmsnorm(new_residual) * weight in float32, cast to x's dtype.  residual None: new_residual = x."""
+    if residual is None:
+        new_res = x
+    else:
+        new_res = (x.float() + residual.float()).to(x.dtype)
+    h = new_res.float()
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return normed.to(x.dtype), new_res
+
+
+def rmsnorm_ref(x, weight, eps):
+    return add_rmsnorm_ref(x, None, weight, eps)[0]
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, D, eps,
+                        stride_xr, stride_xd, stride_rr, stride_rd, stride_w,
+                        stride_or, stride_od, stride_sr, stride_sd,
+                        HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """BLOCK_R rows per program, whole row in registers: one read of x (and residual), one write of the sum
+    and of the normed row, instead of the 3 reads + 2 writes of separate add and norm kernels."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    rows64 = rows.to(tl.int64)
+    mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
+    h = tl.load(x_ptr + rows64[:, None] * stride_xr + cols[None, :] * stride_xd, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + rows64[:, None] * stride_rr + cols[None, :] * stride_rd, mask=mask, other=0.0)
+        h = (h.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + rows64[:, None] * stride_sr + cols[None, :] * stride_sd, h, mask=mask)
+    h = h.to(tl.float32)
+    var = tl.sum(h * h, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(w_ptr + cols * stride_w, mask=cols < D, other=0.0).to(tl.float32)
+    y = h * rstd[:, None] * w[None, :]
+    tl.store(out_ptr + rows64[:, None] * stride_or + cols[None, :] * stride_od,
+             y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rmsnorm(x, residual, weight, eps):
+    """Fused ``new_residual = x + residual; normed = rmsnorm(new_residual) * weight`` over the last dim.
+
+    x [..., D]; residual same shape or None (then new_residual is x itself); weight [D].  float32 math,
+    outputs in x's dtype; the norm is taken of new_residual as stored (rounded to x's dtype).
+    Returns (normed, new_residual)."""
+    D = x.shape[-1]
+    assert weight.dim() == 1 and weight.shape[0] == D, f"weight must be [{D}], got {tuple(weight.shape)}"
+    if residual is not None:
+        assert residual.shape == x.shape, f"residual {tuple(residual.shape)} must match x {tuple(x.shape)}"
+    assert x.is_floating_point(), "x must be floating point"
+    _check_device(x, residual, weight)
+    x2 = x.reshape(-1, D)
+    n_rows = x2.shape[0]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out2 = out.view(-1, D)
+    if residual is not None:
+        r2 = residual.reshape(-1, D)
+        new_res = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        s2 = new_res.view(-1, D)
+    else:
+        r2 = s2 = x2
+        new_res = x
+    if n_rows == 0:
+        return out, new_res
+    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_R = max(1, min(triton.next_power_of_2(n_rows), 4096 // BLOCK_D))
+    if x.device.type == "cuda":
+        num_warps = 4 if BLOCK_R * BLOCK_D <= 4096 else 8
+    else:
+        num_warps = 4
+    _add_rmsnorm_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
+        x2, r2, weight, out2, s2, n_rows, D, float(eps),
+        *x2.stride(), *r2.stride(), weight.stride(0), *out2.stride(), *s2.stride(),
+        HAS_RESIDUAL=residual is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps)
+    return out, new_res
+
+
+def rmsnorm(x, weight, eps):
+    """RMSNorm over the last dim (also Qwen3's per-head q/k-norm: x [B, T, H, D], weight [D])."""
+    return add_rmsnorm(x, None, weight, eps)[0]
+
+
+# ======================================================================================================
+# 4. RoPE (rotate-half convention of Llama / HF)
+# ======================================================================================================
+
+def rope_ref(x, positions, cos, sin):
+    """Reference. x [B, T, H, D]; positions int [B, T]; cos, sin [max_pos, D/2] (any scaling already baked
+    in).  Pairs (i, i + D/2): out_i = x_i c - x_{i+D/2} s, out_{i+D/2} = x_{i+D/2} c + x_i s.  float32
+    math, output in x's dtype."""
+    half = x.shape[-1] // 2
+    c = cos.float()[positions.long()][:, :, None, :]  # [B, T, 1, D/2]
+    s = sin.float()[positions.long()][:, :, None, :]
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+@triton.jit
+def _rope_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, T, H, HALF,
+                 stride_xb, stride_xt, stride_xh, stride_xd, stride_pb, stride_pt,
+                 stride_cp, stride_cd, stride_sp, stride_sd,
+                 stride_ob, stride_ot, stride_oh, stride_od,
+                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Program (token, head block): gathers the token's cos/sin row once for BLOCK_H heads and rotates both
+    halves in registers (reads x once, writes once; safe in place since each element is read before its
+    own write by the same program)."""
+    pid = tl.program_id(0)
+    b = pid // T
+    t = pid % T
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_HALF)
+    mask = (heads < H)[:, None] & (cols < HALF)[None, :]
+    pos = tl.load(pos_ptr + b.to(tl.int64) * stride_pb + t * stride_pt).to(tl.int64)
+    c = tl.load(cos_ptr + pos * stride_cp + cols * stride_cd, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + pos * stride_sp + cols * stride_sd, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+    xb = x_ptr + b.to(tl.int64) * stride_xb + t * stride_xt + heads[:, None] * stride_xh
+    x1 = tl.load(xb + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(xb + (cols[None, :] + HALF) * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    ob = out_ptr + b.to(tl.int64) * stride_ob + t * stride_ot + heads[:, None] * stride_oh
+    tl.store(ob + cols[None, :] * stride_od, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(ob + (cols[None, :] + HALF) * stride_od, (x2 * c + x1 * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rope(x, positions, cos, sin, *, out=None):
+    """Rotary embedding, rotate-half convention.  x [B, T, H, D] (D even); positions int [B, T] (per token,
+    e.g. P + j + 1 + depth for tree branches); cos, sin [max_pos, D/2], rows gathered by position (llama3
+    or other scaling is baked into the tables).  float32 math; returns ``out`` (new tensor by default,
+    ``out=x`` rotates in place)."""
+    assert x.dim() == 4, f"x must be [B, T, H, D], got {tuple(x.shape)}"
+    B, T, H, D = x.shape
+    assert D % 2 == 0, f"head dim {D} must be even"
+    half = D // 2
+    assert positions.shape == (B, T) and not positions.is_floating_point(), \
+        f"positions must be an int tensor [{B}, {T}], got {tuple(positions.shape)} {positions.dtype}"
+    assert cos.dim() == 2 and cos.shape == sin.shape and cos.shape[1] == half, \
+        f"cos/sin must be [max_pos, {half}], got {tuple(cos.shape)} and {tuple(sin.shape)}"
+    if out is None:
+        out = torch.empty_like(x)
+    assert out.shape == x.shape and out.dtype == x.dtype, "out must match x"
+    _check_device(x, positions, cos, sin, out)
+    if x.numel() == 0:
+        return out
+    BLOCK_HALF = triton.next_power_of_2(half)
+    BLOCK_H = max(1, min(triton.next_power_of_2(H), 2048 // BLOCK_HALF))
+    _rope_kernel[(B * T, triton.cdiv(H, BLOCK_H))](
+        x, positions, cos, sin, out, T, H, half,
+        *x.stride(), *positions.stride(), *cos.stride(), *sin.stride(), *out.stride(),
+        BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF)
+    return out
+
+
+# ======================================================================================================
+# 5. Sampling by exponential race (no host sync)
+# ======================================================================================================
+# If E_i ~ Exp(1) i.i.d., argmax_i p_i / E_i is distributed as p (min_i E_i / p_i is exponential with rate
+# p_i, the classic race).  Zero-probability entries score -1 and never win while any p_i > 0.  Ties (measure
+# zero) go to the lowest index, in the references and in the kernels alike.
+
+def _race_scores_ref(p, noise):
+    p = p.float()
+    return torch.where(p > 0, p / noise.float(), torch.full_like(p, -1.0))
+
+
+def sample_exponential_race_ref(probs, noise):
+    """Reference: argmax_i probs_i / noise_i per row (probs [R, V] >= 0, need not be normalized)."""
+    return _race_scores_ref(probs, noise).argmax(dim=-1)
+
+
+def sample_from_logits_ref(logits, temperature, noise):
+    """Reference: per row, temperature 0 -> argmax logits, else argmax(logits / T - log E), i.e. a sample from
+    softmax(logits / T) by the race in log space (no underflow)."""
+    lf = logits.float()
+    t = temperature.float()[:, None]
+    safe_t = torch.where(t > 0, t, torch.ones_like(t))
+    scores = torch.where(t > 0, lf / safe_t - torch.log(noise.float()), lf)
+    return scores.argmax(dim=-1)
+
+
+@triton.jit
+def _race_scores(p, e):
+    return tl.where(p > 0, tl.math.div_rn(p, e), -1.0)
+
+
+@triton.jit
+def _race_partial_kernel(x_ptr, noise_ptr, temp_ptr, best_val_ptr, best_idx_ptr, V, chunk, NUM_CHUNKS,
+                         stride_xr, stride_xv, stride_nr, stride_nv, stride_tr,
+                         FROM_LOGITS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Program (row, chunk of V): running per-lane maxima of the race score over the chunk, then one
+    reduction; writes (best score, lowest index attaining it).  The final argmax over chunks is tiny."""
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    row64 = row.to(tl.int64)
+    start = c * chunk
+    end = tl.minimum(start + chunk, V)
+    offs = tl.arange(0, BLOCK_V)
+    best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    best_i = start + offs  # any valid index; replaced by the first finite score
+    if FROM_LOGITS:
+        t = tl.load(temp_ptr + row64 * stride_tr).to(tl.float32)
+        safe_t = tl.where(t > 0, t, 1.0)
+    for v0 in range(start, end, BLOCK_V):
+        idx = v0 + offs
+        ok = idx < end
+        x = tl.load(x_ptr + row64 * stride_xr + idx * stride_xv, mask=ok, other=0.0).to(tl.float32)
+        e = tl.load(noise_ptr + row64 * stride_nr + idx * stride_nv, mask=ok, other=1.0).to(tl.float32)
+        if FROM_LOGITS:
+            sc = tl.where(t > 0, tl.math.div_rn(x, safe_t) - tl.log(e), x)
+        else:
+            sc = _race_scores(x, e)
+        sc = tl.where(ok, sc, float("-inf"))
+        upd = sc > best
+        best = tl.where(upd, sc, best)
+        best_i = tl.where(upd, idx, best_i)
+    mx = tl.max(best, axis=0)
+    i = tl.min(tl.where(best == mx, best_i, 2147483647), axis=0)
+    tl.store(best_val_ptr + row64 * NUM_CHUNKS + c, mx)
+    tl.store(best_idx_ptr + row64 * NUM_CHUNKS + c, i)
+
+
+def _num_chunks(num_chunks, rows, V, block_v, device):
+    if num_chunks is not None:
+        return max(1, min(int(num_chunks), triton.cdiv(V, block_v)))
+    target = _gpu_programs_target(device)
+    if rows >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, rows), triton.cdiv(V, 4 * block_v)))
+
+
+def _finish_race(best_val, best_idx):
+    """argmax over chunks (torch.argmax returns the first maximum: the lowest chunk, hence lowest index)."""
+    j = best_val.argmax(dim=1, keepdim=True)
+    return best_idx.gather(1, j).squeeze(1).to(torch.int64), best_val.gather(1, j).squeeze(1)
+
+
+def _race(x, noise, temperature, from_logits, num_chunks, block_v):
+    assert x.dim() == 2, f"expected [R, V], got {tuple(x.shape)}"
+    R, V = x.shape
+    assert noise.shape == (R, V), f"noise must be [{R}, {V}], got {tuple(noise.shape)}"
+    assert V >= 1
+    _check_device(x, noise, temperature)
+    if block_v is None:
+        block_v = 1024 if x.device.type == "cuda" else min(1024, max(16, triton.next_power_of_2(V)))
+    chunks = _num_chunks(num_chunks, R, V, block_v, x.device)
+    chunk = triton.cdiv(triton.cdiv(V, chunks), block_v) * block_v
+    chunks = triton.cdiv(V, chunk)
+    best_val = torch.empty((R, chunks), dtype=torch.float32, device=x.device)
+    best_idx = torch.empty((R, chunks), dtype=torch.int32, device=x.device)
+    if R == 0:
+        return torch.empty((0,), dtype=torch.int64, device=x.device)
+    t = temperature if temperature is not None else x
+    _race_partial_kernel[(R, chunks)](
+        x, noise, t, best_val, best_idx, V, chunk, chunks,
+        *x.stride(), *noise.stride(), t.stride(0),
+        FROM_LOGITS=from_logits, BLOCK_V=block_v)
+    return _finish_race(best_val, best_idx)[0]
+
+
+def sample_exponential_race(probs, noise, *, num_chunks=None, block_v=None):
+    """Exact sample per row from probs [R, V] (nonnegative, need not be normalized; one-hot rows fine) given
+    noise [R, V] i.i.d. Exp(1): argmax_i probs_i / noise_i.  Fuses the division, the zero-probability guard
+    and the argmax in one pass over V, split into chunks across programs when rows are few.  int64 [R]."""
+    return _race(probs, noise, None, False, num_chunks, block_v)
+
+
+def sample_from_logits(logits, temperature, noise, *, num_chunks=None, block_v=None):
+    """Sample per row from softmax(logits / temperature) with noise Exp(1) [R, V], fused with the softmax:
+    argmax(logits / T - log E) in log space (nothing exponentiated, no underflow, no normalization pass).
+    temperature float [R]; rows with temperature 0 take argmax(logits).  int64 [R]."""
+    assert temperature.shape == (logits.shape[0],), \
+        f"temperature must be [{logits.shape[0]}], got {tuple(temperature.shape)}"
+    return _race(logits, noise, temperature, True, num_chunks, block_v)
+
+
+# ======================================================================================================
+# 6. Verify: the exact speculative-sampling step
+# ======================================================================================================
+
+def verify_ref(p, q, draft_tokens, uniforms, noise):
+    """Reference.  p [B, K+1, V] target probs, q [B, K, V] the draft probs the proposals were drawn from,
+    draft_tokens int [B, K], uniforms [B, K] in [0, 1), noise Exp(1) [B, V].
+    Accept s_i while u_i * q_i(s_i) < p_i(s_i); n = number accepted.  n < K: recovery ~ max(0, p_n - q_n)
+    (p_n if that is all zero); n == K: bonus ~ p_K; both by the race with ``noise``.
+    Returns (n int64 [B], recovery int64 [B])."""
+    B, K1, V = p.shape
+    K = K1 - 1
+    pf, qf = p.float(), q.float()
+    tok = draft_tokens.long()
+    p_s = pf[:, :K].gather(2, tok[..., None]).squeeze(-1)
+    q_s = qf.gather(2, tok[..., None]).squeeze(-1)
+    accept = uniforms.float() * q_s < p_s
+    n = accept.long().cumprod(dim=1).sum(dim=1)
+    rows = torch.arange(B, device=p.device)
+    p_n = pf[rows, n]
+    q_n = torch.where((n < K)[:, None], qf[rows, n.clamp(max=K - 1)], torch.zeros_like(p_n))
+    resid = (p_n - q_n).clamp_min(0.0)
+    r_score = _race_scores_ref(resid, noise)
+    p_score = _race_scores_ref(p_n, noise)
+    r_best, r_idx = r_score.max(dim=1)
+    recovery = torch.where(r_best > -1.0, r_idx, p_score.argmax(dim=1))
+    return n, recovery
+
+
+@triton.jit
+def _verify_kernel(p_ptr, q_ptr, tok_ptr, u_ptr, noise_ptr, n_ptr,
+                   rv_ptr, ri_ptr, pv_ptr, pi_ptr, K, V, chunk, NUM_CHUNKS,
+                   stride_pb, stride_pk, stride_pv, stride_qb, stride_qk, stride_qv,
+                   stride_tb, stride_tk, stride_ub, stride_uk, stride_nb, stride_nv,
+                   BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Program (row, chunk of V).  Recomputes n from K scalar gathers (cheap, avoids a second launch),
+    then streams p_n, q_n and the noise over its chunk once, racing both the residual max(0, p_n - q_n) and
+    p_n itself (the all-zero-residual fallback), so the choice between them needs no extra pass."""
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    tok = tl.load(tok_ptr + b64 * stride_tb + ks * stride_tk, mask=k_ok, other=0).to(tl.int64)
+    p_s = tl.load(p_ptr + b64 * stride_pb + ks * stride_pk + tok * stride_pv, mask=k_ok, other=0.0).to(tl.float32)
+    q_s = tl.load(q_ptr + b64 * stride_qb + ks * stride_qk + tok * stride_qv, mask=k_ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + b64 * stride_ub + ks * stride_uk, mask=k_ok, other=1.0).to(tl.float32)
+    rejected = k_ok & ~(u * q_s < p_s)
+    n = tl.min(tl.where(rejected, ks, K), axis=0)
+    if c == 0:
+        tl.store(n_ptr + b64, n.to(tl.int64))
+
+    start = c * chunk
+    end = tl.minimum(start + chunk, V)
+    q_end = tl.where(n < K, end, 0)  # q row n exists only if n < K (else the bonus row: q = 0)
+    p_row = p_ptr + b64 * stride_pb + n * stride_pk
+    q_row = q_ptr + b64 * stride_qb + tl.minimum(n, K - 1) * stride_qk
+    offs = tl.arange(0, BLOCK_V)
+    r_best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    p_best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    r_idx = start + offs
+    p_idx = start + offs
+    for v0 in range(start, end, BLOCK_V):
+        idx = v0 + offs
+        ok = idx < end
+        pv = tl.load(p_row + idx * stride_pv, mask=ok, other=0.0).to(tl.float32)
+        qv = tl.load(q_row + idx * stride_qv, mask=idx < q_end, other=0.0).to(tl.float32)
+        e = tl.load(noise_ptr + b64 * stride_nb + idx * stride_nv, mask=ok, other=1.0).to(tl.float32)
+        r_sc = tl.where(ok, _race_scores(tl.maximum(pv - qv, 0.0), e), float("-inf"))
+        p_sc = tl.where(ok, _race_scores(pv, e), float("-inf"))
+        upd = r_sc > r_best
+        r_best = tl.where(upd, r_sc, r_best)
+        r_idx = tl.where(upd, idx, r_idx)
+        upd = p_sc > p_best
+        p_best = tl.where(upd, p_sc, p_best)
+        p_idx = tl.where(upd, idx, p_idx)
+    rm = tl.max(r_best, axis=0)
+    pm = tl.max(p_best, axis=0)
+    tl.store(rv_ptr + b64 * NUM_CHUNKS + c, rm)
+    tl.store(ri_ptr + b64 * NUM_CHUNKS + c, tl.min(tl.where(r_best == rm, r_idx, 2147483647), axis=0))
+    tl.store(pv_ptr + b64 * NUM_CHUNKS + c, pm)
+    tl.store(pi_ptr + b64 * NUM_CHUNKS + c, tl.min(tl.where(p_best == pm, p_idx, 2147483647), axis=0))
+
+
+def verify(p, q, draft_tokens, uniforms, noise, *, num_chunks=None, block_v=None):
+    """Fused exact verification of K proposals per row (Leviathan et al. 2023; Chen et al. 2023).
+
+    p [B, K+1, V] target probs (already temperature/top-k/top-p processed), q [B, K, V] the exact draft probs
+    the proposals were sampled from (one-hot rows for deterministic proposals: the rule then accepts with
+    probability p(s) and resamples from p without s), draft_tokens int [B, K], uniforms [B, K] in [0, 1),
+    noise Exp(1) [B, V].  One kernel finds n (first i with u_i q_i(s_i) >= p_i(s_i)) and races the residual
+    max(0, p_n - q_n) (fallback p_n if all zero; p_K if all accepted) against the noise; a few tiny torch ops
+    pick the winner across chunks.  No host sync.  Returns (n_accepted int64 [B], recovery int64 [B]),
+    identical to ``verify_ref`` for the same uniforms and noise."""
+    assert p.dim() == 3, f"p must be [B, K+1, V], got {tuple(p.shape)}"
+    B, K1, V = p.shape
+    K = K1 - 1
+    assert K >= 1, "need at least one draft token (K >= 1)"
+    assert q.shape == (B, K, V), f"q must be [{B}, {K}, {V}], got {tuple(q.shape)}"
+    assert p.is_floating_point() and q.is_floating_point(), "p and q must be floating point"
+    assert draft_tokens.shape == (B, K) and not draft_tokens.is_floating_point(), \
+        f"draft_tokens must be an int tensor [{B}, {K}], got {tuple(draft_tokens.shape)}"
+    assert uniforms.shape == (B, K), f"uniforms must be [{B}, {K}], got {tuple(uniforms.shape)}"
+    assert noise.shape == (B, V), f"noise must be [{B}, {V}], got {tuple(noise.shape)}"
+    _check_device(p, q, draft_tokens, uniforms, noise)
+    dev = p.device
+    if block_v is None:
+        block_v = 1024 if dev.type == "cuda" else min(1024, max(16, triton.next_power_of_2(V)))
+    chunks = _num_chunks(num_chunks, B, V, block_v, dev)
+    chunk = triton.cdiv(triton.cdiv(V, chunks), block_v) * block_v
+    chunks = triton.cdiv(V, chunk)
+    n = torch.empty((B,), dtype=torch.int64, device=dev)
+    rv = torch.empty((B, chunks), dtype=torch.float32, device=dev)
+    pv = torch.empty((B, chunks), dtype=torch.float32, device=dev)
+    ri = torch.empty((B, chunks), dtype=torch.int32, device=dev)
+    pi = torch.empty((B, chunks), dtype=torch.int32, device=dev)
+    if B == 0:
+        return n, n.clone()
+    _verify_kernel[(B, chunks)](
+        p, q, draft_tokens, uniforms, noise, n, rv, ri, pv, pi, K, V, chunk, chunks,
+        *p.stride(), *q.stride(), *draft_tokens.stride(), *uniforms.stride(), *noise.stride(),
+        BLOCK_K=max(2, triton.next_power_of_2(K)), BLOCK_V=block_v)
+    r_tok, r_best = _finish_race(rv, ri)
+    p_tok, _ = _finish_race(pv, pi)
+    return n, torch.where(r_best > -1.0, r_tok, p_tok)
+
+
+def verify_greedy(target_argmax, draft_tokens):
+    """Temperature-0 verification in plain torch (no kernel needed): target_argmax int [B, K+1] (argmax of
+    the target at each verified position), draft_tokens int [B, K].  n = length of the matching prefix,
+    recovery = target_argmax[b, n].  Equals ``verify`` with one-hot p and q.  No host sync."""
+    B, K1 = target_argmax.shape
+    assert draft_tokens.shape == (B, K1 - 1), "draft_tokens must be [B, K] with target_argmax [B, K+1]"
+    match = target_argmax[:, :-1].long() == draft_tokens.long()
+    n = match.long().cumprod(dim=1).sum(dim=1)
+    return n, target_argmax.long().gather(1, n[:, None]).squeeze(1)
