@@ -93,7 +93,7 @@ class ModelConfig:
             rope = None
         heads = c["num_attention_heads"]
         layer_types = c.get("layer_types")
-        window = c.get("sliding_window") if (c.get("use_sliding_window", model_type == "llama") and
+        window = c.get("sliding_window") if (c.get("use_sliding_window", False) and
                                              c.get("sliding_window")) else None
         if window and not layer_types:  # Qwen: sliding window on the layers from max_window_layers on
             first = c.get("max_window_layers", 0)
@@ -362,18 +362,18 @@ class Sampling:
 def to_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """logits [..., V] -> probabilities. A row with temperature 0 becomes one-hot on its argmax,
     so greedy decoding is the T -> 0 limit of the same rule (no special case in `verify`)."""
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    t = temperature.float().reshape(temperature.shape + (1,) * (logits.dim() - temperature.dim()))
+    t = temperature.to(logits.dtype).reshape(temperature.shape + (1,) * (logits.dim() - temperature.dim()))
     probs = (logits / t.clamp_min(1e-6)).softmax(-1)
     if top_p < 1.0:  # keep the smallest set of tokens whose mass reaches top_p
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
         probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
-    greedy = F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    greedy = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
     return torch.where(t == 0, greedy, probs)
 
 
@@ -395,6 +395,19 @@ def sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.multinomial(flat, 1, generator=gen).reshape(probs.shape[:-1])
 
 
+def acceptance_prob(p_s: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
+    """min(1, p(s) / q(s)) for a proposal s sampled from q (q(s) > 0 whenever s was drawn)."""
+    return (p_s / q_s.clamp_min(1e-30)).clamp(max=1.0)
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The distribution a rejection samples from: normalize(max(0, p - q)). If p - q has no
+    positive mass then p <= q everywhere, so p == q and no rejection can happen: return p."""
+    r = (p - q).clamp_min(0)
+    r = torch.where(r.sum(-1, keepdim=True) > 0, r, p)
+    return r / r.sum(-1, keepdim=True)
+
+
 def verify(p: torch.Tensor, q: torch.Tensor, proposal: torch.Tensor, gen: torch.Generator):
     """Exact speculative sampling (Leviathan et al. 2023, Alg. 1; Chen et al. 2023, Thm. 1).
 
@@ -407,14 +420,11 @@ def verify(p: torch.Tensor, q: torch.Tensor, proposal: torch.Tensor, gen: torch.
     p_s = p[:, :K].gather(-1, proposal[..., None])[..., 0]
     q_s = q.gather(-1, proposal[..., None])[..., 0]
     u = torch.rand(B, K, generator=gen, device=p.device)
-    accepted = u * q_s < p_s                        # u < min(1, p(s)/q(s)), without dividing
+    accepted = u < acceptance_prob(p_s, q_s)
     n = accepted.long().cumprod(-1).sum(-1)         # length of the accepted prefix
     rows = torch.arange(B, device=p.device)
-    p_n = p[rows, n]
     q_n = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, n]  # q_K := 0: the bonus samples p_K
-    residual = (p_n - q_n).clamp_min(0)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)  # p == q: never rejected
-    return n, sample(residual / residual.sum(-1, keepdim=True), gen)
+    return n, sample(residual(p[rows, n], q_n), gen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,6 +709,7 @@ def build_speculation_cache(state, draft, proposal, fan, opts, ctx, stats):
         # Candidates are picked deterministically: they condition the cache, they are not proposals.
         scores = glue.clone()
         scores[:, :K].scatter_(-1, proposal[..., None], float("-inf"))
+        fan = [min(f, scores.shape[-1] - 1) for f in fan]          # tiny vocabularies
         branch_j = torch.tensor([j for j in range(K + 1) for _ in range(fan[j])])
         cand = torch.cat([scores[:, j].topk(fan[j], dim=-1).indices for j in range(K + 1) if fan[j]], dim=1)
         tokens, qs = tree_decode(draft, cache, trunk, branch_j, cand, fan, opts, ctx)
@@ -852,7 +863,8 @@ def generate(target: Transformer, prompts, draft: Transformer | None = None, mod
     if longest + k_used + 2 > max_ctx:
         raise ValueError(f"prompt of {longest} tokens does not fit the context window of {max_ctx} tokens "
                          f"(with room for K+2 = {k_used + 2} more): shorten the prompt")
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or target.cfg.eos_token_ids))
+    eos = set(target.cfg.eos_token_ids if eos_token_id is None else
+              [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
     context_limit = min(max_ctx, longest + max_new_tokens + k_used + 2)
     gen = torch.Generator().manual_seed(seed)
     budget = fan_out_budget or 4 * (k + 1)
