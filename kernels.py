@@ -20,7 +20,7 @@ present in both triton 3.6 and 3.9 are used.
 """
 from __future__ import annotations
 
-import math
+import functools
 import os
 
 import torch
@@ -37,8 +37,9 @@ __all__ = [
     "verify", "verify_ref", "verify_greedy",
 ]
 
-# triton.jit decides at decoration time whether it interprets; remember what it decided.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# triton.jit decides at decoration time whether it interprets (TRITON_INTERPRET); INTERPRET records what it
+# decided (re-checked on the kernels themselves at the end of this module).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 LOG2E = 1.4426950408889634
 
 
@@ -52,11 +53,16 @@ def _check_device(*tensors):
                            "importing triton, or call the *_ref function instead")
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _gpu_programs_target(device) -> int:
     """About two programs per SM keeps the GPU busy; on the interpreter fewer programs is simply faster."""
     if device.type != "cuda":
         return 1
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # ======================================================================================================
@@ -219,7 +225,7 @@ def _choose_splits(num_splits, programs, S, block_n, device):
     target = _gpu_programs_target(device)
     if programs >= target:
         return 1
-    return max(1, min(triton.cdiv(target, programs), S // (4 * block_n), 16))
+    return max(1, min(triton.cdiv(target, programs), S // (4 * block_n), 32))
 
 
 def _dot_precision(dtype):
@@ -634,7 +640,7 @@ def _race_partial_kernel(x_ptr, noise_ptr, temp_ptr, best_val_ptr, best_idx_ptr,
                          stride_xr, stride_xv, stride_nr, stride_nv, stride_tr,
                          FROM_LOGITS: tl.constexpr, BLOCK_V: tl.constexpr):
     """Program (row, chunk of V): running per-lane maxima of the race score over the chunk, then one
-    reduction; writes (best score, lowest index attaining it).  The final argmax over chunks is tiny."""
+    reduction; writes (best score, lowest index attaining it); _finish_race_kernel picks across chunks."""
     row = tl.program_id(0)
     c = tl.program_id(1)
     row64 = row.to(tl.int64)
@@ -674,10 +680,39 @@ def _num_chunks(num_chunks, rows, V, block_v, device):
     return max(1, min(triton.cdiv(target, rows), triton.cdiv(V, 4 * block_v)))
 
 
-def _finish_race(best_val, best_idx):
-    """argmax over chunks (torch.argmax returns the first maximum: the lowest chunk, hence lowest index)."""
-    j = best_val.argmax(dim=1, keepdim=True)
-    return best_idx.gather(1, j).squeeze(1).to(torch.int64), best_val.gather(1, j).squeeze(1)
+@triton.jit
+def _finish_race_kernel(val_ptr, idx_ptr, fb_val_ptr, fb_idx_ptr, out_ptr, NUM_CHUNKS,
+                        HAS_FALLBACK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program per row: the winner over the row's chunks (lowest chunk on ties, hence lowest index).
+    With HAS_FALLBACK (verify): if no chunk has a positive residual (best score -1), take the winner of the
+    fallback race instead.  One launch instead of a handful of small torch ops."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C)
+    ok = offs < NUM_CHUNKS
+    val = tl.load(val_ptr + row * NUM_CHUNKS + offs, mask=ok, other=float("-inf"))
+    idx = tl.load(idx_ptr + row * NUM_CHUNKS + offs, mask=ok, other=0)
+    best = tl.max(val, axis=0)
+    win = tl.min(tl.where(ok & (val == best), offs, BLOCK_C), axis=0)
+    tok = tl.sum(tl.where(offs == win, idx, 0), axis=0)
+    if HAS_FALLBACK:
+        fval = tl.load(fb_val_ptr + row * NUM_CHUNKS + offs, mask=ok, other=float("-inf"))
+        fidx = tl.load(fb_idx_ptr + row * NUM_CHUNKS + offs, mask=ok, other=0)
+        fbest = tl.max(fval, axis=0)
+        fwin = tl.min(tl.where(ok & (fval == fbest), offs, BLOCK_C), axis=0)
+        ftok = tl.sum(tl.where(offs == fwin, fidx, 0), axis=0)
+        tok = tl.where(best > -1.0, tok, ftok)
+    tl.store(out_ptr + row, tok.to(tl.int64))
+
+
+def _finish_race(best_val, best_idx, fb_val=None, fb_idx=None):
+    R, chunks = best_val.shape
+    if chunks == 1 and fb_val is None:
+        return best_idx.view(R).to(torch.int64)
+    out = torch.empty((R,), dtype=torch.int64, device=best_val.device)
+    has_fb = fb_val is not None
+    _finish_race_kernel[(R,)](best_val, best_idx, fb_val if has_fb else best_val, fb_idx if has_fb else best_idx,
+                              out, chunks, HAS_FALLBACK=has_fb, BLOCK_C=max(2, triton.next_power_of_2(chunks)))
+    return out
 
 
 def _race(x, noise, temperature, from_logits, num_chunks, block_v):
@@ -700,7 +735,7 @@ def _race(x, noise, temperature, from_logits, num_chunks, block_v):
         x, noise, t, best_val, best_idx, V, chunk, chunks,
         *x.stride(), *noise.stride(), t.stride(0),
         FROM_LOGITS=from_logits, BLOCK_V=block_v)
-    return _finish_race(best_val, best_idx)[0]
+    return _finish_race(best_val, best_idx)
 
 
 def sample_exponential_race(probs, noise, *, num_chunks=None, block_v=None):
@@ -810,8 +845,8 @@ def verify(p, q, draft_tokens, uniforms, noise, *, num_chunks=None, block_v=None
     the proposals were sampled from (one-hot rows for deterministic proposals: the rule then accepts with
     probability p(s) and resamples from p without s), draft_tokens int [B, K], uniforms [B, K] in [0, 1),
     noise Exp(1) [B, V].  One kernel finds n (first i with u_i q_i(s_i) >= p_i(s_i)) and races the residual
-    max(0, p_n - q_n) (fallback p_n if all zero; p_K if all accepted) against the noise; a few tiny torch ops
-    pick the winner across chunks.  No host sync.  Returns (n_accepted int64 [B], recovery int64 [B]),
+    max(0, p_n - q_n) (fallback p_n if all zero; p_K if all accepted) against the noise; a tiny second
+    kernel picks the winner across chunks.  No host sync.  Returns (n_accepted int64 [B], recovery int64 [B]),
     identical to ``verify_ref`` for the same uniforms and noise."""
     assert p.dim() == 3, f"p must be [B, K+1, V], got {tuple(p.shape)}"
     B, K1, V = p.shape
@@ -841,9 +876,7 @@ def verify(p, q, draft_tokens, uniforms, noise, *, num_chunks=None, block_v=None
         p, q, draft_tokens, uniforms, noise, n, rv, ri, pv, pi, K, V, chunk, chunks,
         *p.stride(), *q.stride(), *draft_tokens.stride(), *uniforms.stride(), *noise.stride(),
         BLOCK_K=max(2, triton.next_power_of_2(K)), BLOCK_V=block_v)
-    r_tok, r_best = _finish_race(rv, ri)
-    p_tok, _ = _finish_race(pv, pi)
-    return n, torch.where(r_best > -1.0, r_tok, p_tok)
+    return n, _finish_race(rv, ri, pv, pi)
 
 
 def verify_greedy(target_argmax, draft_tokens):
@@ -855,3 +888,6 @@ def verify_greedy(target_argmax, draft_tokens):
     match = target_argmax[:, :-1].long() == draft_tokens.long()
     n = match.long().cumprod(dim=1).sum(dim=1)
     return n, target_argmax.long().gather(1, n[:, None]).squeeze(1)
+
+
+INTERPRET = type(_rope_kernel).__name__ == "InterpretedFunction"

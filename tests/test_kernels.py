@@ -349,7 +349,10 @@ def test_verify_ref_is_exact():
     qd = torch.tensor([0.1, 0.1, 0.5, 0.1, 0.2])
     M, V = 200_000, 5
     for deterministic in (False, True):
-        tok = torch.full((M, 1), 2) if deterministic else torch.multinomial(qd, M, replacement=True, generator=g)[:, None]
+        if deterministic:
+            tok = torch.full((M, 1), 2)
+        else:
+            tok = torch.multinomial(qd, M, replacement=True, generator=g)[:, None]
         q = torch.nn.functional.one_hot(tok, V).float() if deterministic else qd.expand(M, 1, V)
         p = torch.stack([p0, torch.full((V,), 0.2)]).expand(M, 2, V)
         n, rec = K.verify_ref(p, q, tok, torch.rand(M, 1, generator=g), torch.empty(M, V).exponential_(generator=g))
