@@ -325,6 +325,11 @@ def load_model(path, dtype=torch.float32, device="cpu", shared_embedding: torch.
     if not path.is_dir():
         raise FileNotFoundError(f"model path {path} does not exist (pass a checkpoint directory)")
     cfg = ModelConfig.from_dict(read_config(path))
+    gen_cfg = path / "generation_config.json"   # instruct models often list more stop tokens here
+    if gen_cfg.is_file():
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        cfg.eos_token_ids = tuple(dict.fromkeys([*cfg.eos_token_ids, *eos]))
     state = {k.removeprefix("language_model."): v for k, v in load_state_dict(path).items()}
     if cfg.shared_embedding:
         if shared_embedding is None:
@@ -971,8 +976,10 @@ def main(argv=None):
     log(f"target: {target_dir} | mode: {args.mode}" + (f", K={args.k}" if args.mode != "ar" else ""))
     printed = [""]
 
+    eos = set(target.cfg.eos_token_ids)
+
     def stream(tokens, stats):  # print the new text of a single prompt as rounds are accepted
-        text = tok.decode(tokens[0])
+        text = tok.decode([t for t in tokens[0] if t not in eos])
         if text.startswith(printed[0]) and not text.endswith("\ufffd"):
             print(text[len(printed[0]):], end="", flush=True)
             printed[0] = text
@@ -983,7 +990,7 @@ def main(argv=None):
                       draft_temperature=args.draft_temperature, top_k=args.top_k, top_p=args.top_p,
                       fan_out=fan_out, saguaro_c=args.saguaro_c, backup=args.backup,
                       max_new_tokens=args.max_new_tokens, seed=args.seed, on_round=stream if streaming else None)
-    texts = [tok.decode([t for t in ids if t not in target.cfg.eos_token_ids]) for ids in result.tokens]
+    texts = [tok.decode([t for t in ids if t not in eos]) for ids in result.tokens]
     summary = result.summary()
     if args.json:
         print(json.dumps({"prompts": args.prompt, "token_ids": result.tokens, "text": texts,
@@ -1007,12 +1014,17 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """The command line: every bad input is one line on stderr and exit status 2, no traceback."""
     try:
-        sys.exit(main())
+        return main(argv)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
