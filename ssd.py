@@ -586,16 +586,15 @@ def geometric_fan_out(k: int, budget: int, accept_rate: float, miss_exponent: fl
     return fan
 
 
-def ngram_proposal(tokens: list[int], k: int, max_n: int = 3) -> list[int]:
-    """The cheap deterministic backup: find the latest earlier occurrence of the last few tokens
-    and propose what followed it (prompt lookup); repeat the last token if nothing matches."""
-    for n in range(min(max_n, len(tokens) - 1), 0, -1):
-        suffix = tokens[-n:]
-        for start in range(len(tokens) - n - 1, -1, -1):
-            if tokens[start:start + n] == suffix:
-                follow = tokens[start + n:start + n + k]
-                return follow + [tokens[-1]] * (k - len(follow))
-    return [tokens[-1]] * k
+def ngram_proposal(tokens: list[int], k: int) -> list[int]:
+    """The cheap deterministic backup (prompt lookup): find the latest earlier occurrence of the
+    last token and propose what followed it; repeat the last token where nothing follows."""
+    last = tokens[-1]
+    for start in range(len(tokens) - 2, -1, -1):
+        if tokens[start] == last:
+            follow = tokens[start + 1:start + 1 + k]
+            return follow + [last] * (k - len(follow))
+    return [last] * k
 
 
 class SpeculationCache:
@@ -819,20 +818,32 @@ def check_compatible(target: Transformer, draft: Transformer):
                          f"({target.cfg.vocab_size}): use a draft trained with the target's tokenizer")
 
 
-@torch.no_grad()
-def generate(target: Transformer, prompts, draft: Transformer | None = None, mode: str = "ar", k: int = 4,
-             temperature=0.0, draft_temperature=None, top_k: int = 0, top_p: float = 1.0,
-             fan_out="auto", fan_out_budget: int | None = None, saguaro_c: float = 1.0, backup: str = "auto",
-             miss_exponent: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-             eos_token_id=None, on_round=None) -> GenerationResult:
-    """Generate from one prompt (a list of token ids) or a batch (a list of lists, any lengths).
+@dataclass
+class Request:
+    """A validated generation request (shared with ssd_fast.py)."""
+    prompts: list
+    mode: str
+    k: int
+    k_used: int                 # K, or 0 in AR mode
+    t: torch.Tensor             # per-row target temperature
+    t_draft: torch.Tensor
+    top_k: int
+    top_p: float
+    fan: list | None            # fixed fan-out per outcome, or None for Saguaro's geometric one
+    budget: int                 # speculations per row and round (auto fan-out)
+    c: float
+    backup: str
+    miss_exponent: float
+    max_new_tokens: int
+    eos: set
+    context_limit: int
+    seed: int
 
-    mode "ar" | "sd" | "ssd"; k: draft tokens per round; temperature (and draft_temperature,
-    default the same) per row or for all; top_k / top_p apply to target and draft alike;
-    fan_out: "auto" (geometric, from the running acceptance estimate, budget `fan_out_budget`,
-    default 4(K+1)) or an int per outcome or a list of K+1 ints; saguaro_c in (0, 1];
-    backup: "auto" (by batch size and measured costs) | "jit" | "fast".
-    `on_round(result_so_far_tokens, stats)` is called after every round (for streaming)."""
+
+def make_request(target, prompts, draft=None, mode="ar", k=4, temperature=0.0, draft_temperature=None, top_k=0,
+                 top_p=1.0, fan_out="auto", fan_out_budget=None, saguaro_c=1.0, backup="auto", miss_exponent=1.0,
+                 max_new_tokens=64, seed=0, eos_token_id=None, max_context=None) -> Request:
+    """Check every argument once, with a message that says what to do."""
     batch_prompts = [list(prompts)] if prompts and isinstance(prompts[0], int) else [list(p) for p in prompts]
     B = len(batch_prompts)
     if B == 0 or any(len(p) == 0 for p in batch_prompts):
@@ -863,17 +874,39 @@ def generate(target: Transformer, prompts, draft: Transformer | None = None, mod
         fan = [int(fan_out)] * (k + 1) if isinstance(fan_out, int) else [int(f) for f in fan_out]
         if len(fan) != k + 1 or min(fan) < 0 or sum(fan) < 1:
             raise ValueError(f"fan_out must be 'auto', a positive int, or K+1 = {k + 1} non-negative ints")
-    max_ctx = min(target.cfg.max_position_embeddings, draft.cfg.max_position_embeddings if draft else 1 << 30)
+    max_ctx = min(target.cfg.max_position_embeddings, draft.cfg.max_position_embeddings if draft else 1 << 30,
+                  max_context or 1 << 30)
     longest = max(len(p) for p in batch_prompts)
     if longest + k_used + 2 > max_ctx:
         raise ValueError(f"prompt of {longest} tokens does not fit the context window of {max_ctx} tokens "
                          f"(with room for K+2 = {k_used + 2} more): shorten the prompt")
     eos = set(target.cfg.eos_token_ids if eos_token_id is None else
               [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
-    context_limit = min(max_ctx, longest + max_new_tokens + k_used + 2)
+    return Request(prompts=batch_prompts, mode=mode, k=k, k_used=k_used, t=t, t_draft=t_draft, top_k=top_k,
+                   top_p=top_p, fan=fan, budget=fan_out_budget or 4 * (k + 1), c=saguaro_c, backup=backup,
+                   miss_exponent=miss_exponent, max_new_tokens=max_new_tokens, eos=eos,
+                   context_limit=min(max_ctx, longest + max_new_tokens + k_used + 2), seed=seed)
+
+
+@torch.no_grad()
+def generate(target: Transformer, prompts, draft: Transformer | None = None, mode: str = "ar", k: int = 4,
+             temperature=0.0, draft_temperature=None, top_k: int = 0, top_p: float = 1.0,
+             fan_out="auto", fan_out_budget: int | None = None, saguaro_c: float = 1.0, backup: str = "auto",
+             miss_exponent: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
+             eos_token_id=None, on_round=None) -> GenerationResult:
+    """Generate from one prompt (a list of token ids) or a batch (a list of lists, any lengths).
+
+    mode "ar" | "sd" | "ssd"; k: draft tokens per round; temperature (and draft_temperature,
+    default the same) per row or for all; top_k / top_p apply to target and draft alike;
+    fan_out: "auto" (geometric, from the running acceptance estimate, budget `fan_out_budget`,
+    default 4(K+1)) or an int per outcome or a list of K+1 ints; saguaro_c in (0, 1];
+    backup: "auto" (by batch size and measured costs) | "jit" | "fast".
+    `on_round(result_so_far_tokens, stats)` is called after every round (for streaming)."""
+    req = make_request(target, prompts, draft, mode, k, temperature, draft_temperature, top_k, top_p, fan_out,
+                       fan_out_budget, saguaro_c, backup, miss_exponent, max_new_tokens, seed, eos_token_id)
+    batch_prompts, B, k_used, eos, context_limit = req.prompts, len(req.prompts), req.k_used, req.eos, req.context_limit
     gen = torch.Generator().manual_seed(seed)
-    budget = fan_out_budget or 4 * (k + 1)
-    scratch = (sum(fan) if fan else budget) * k if mode == "ssd" else 0
+    scratch = (sum(req.fan) if req.fan else req.budget) * k if mode == "ssd" else 0
 
     # Prefill: each model reads the whole prompt; the target samples the first token (the first r).
     t0 = time.perf_counter()
@@ -883,9 +916,9 @@ def generate(target: Transformer, prompts, draft: Transformer | None = None, mod
     if draft is not None and mode != "ar":
         state.draft_cache = draft.new_cache(B, context_limit, scratch)
         extend(draft, state.draft_cache, batch_prompts)
-    first = sample(to_probs(logits, t, top_k, top_p), gen)
-    opts = Sampling(temperature=t.tolist(), draft_temperature=t_draft.tolist(), top_k=top_k, top_p=top_p)
-    ctx = Context(k=k, t=t, t_draft=t_draft, gen=gen, fan_out=fan, fan_out_budget=budget,
+    first = sample(to_probs(logits, req.t, top_k, top_p), gen)
+    opts = Sampling(temperature=req.t.tolist(), draft_temperature=req.t_draft.tolist(), top_k=top_k, top_p=top_p)
+    ctx = Context(k=k, t=req.t, t_draft=req.t_draft, gen=gen, fan_out=req.fan, fan_out_budget=req.budget,
                   miss_exponent=miss_exponent, c=saguaro_c, backup=backup, max_new_tokens=max_new_tokens,
                   eos_ids=eos, context_limit=context_limit, est=Estimates(k=k), cache=SpeculationCache(B),
                   last_n=[0] * B)

@@ -1,0 +1,549 @@
+"""The fast engine: the algorithm of ssd.py (AR, SD, SSD with all of Saguaro), built for speed.
+
+What changes from the reference, and why:
+- Weights are re-laid for fewer launches (fused QKV and gate-up matrices) in bf16 on the GPU.
+- The hot paths run Triton kernels (kernels.py): attention over a slot-indexed KV cache for decode
+  and verify, tree attention with an implicit mask for SSD's speculation tree, fused add + RMSNorm,
+  RoPE, and the fused verify / residual sampling by exponential race (no host synchronization).
+- KV caches are preallocated; rolling back a rejected suffix is a change of length, never a copy.
+- Every steady-state forward (target decode and verify, draft steps, glue pass, each tree depth) is
+  captured once as a CUDA graph per (batch bucket, shape) and replayed.
+- The sequence state (token history, lengths, the speculation cache and its lookup) lives on the
+  device; the host reads one small tensor per round (accepted counts, new tokens, next hit flags).
+- Batches are padded to a bucket size; padding rows are frozen and write only their own cache rows.
+
+On a machine without CUDA the same code runs with the kernels' PyTorch references in float32 (it
+says so once), and gives the same greedy tokens as ssd.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import ssd
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def bucket(batch: int) -> int:
+    for b in BUCKETS:
+        if batch <= b:
+            return b
+    return batch
+
+
+class Ops:
+    """The Triton kernels on a GPU; their PyTorch references (same signatures) on a CPU."""
+
+    def __init__(self, use_triton: bool):
+        import kernels
+        suffix = "" if use_triton else "_ref"
+        for name in ("cache_attention", "tree_attention", "add_rmsnorm", "rmsnorm", "rope",
+                     "sample_exponential_race", "verify"):
+            setattr(self, name, getattr(kernels, name + suffix))
+        self.use_triton = use_triton
+
+
+# ---------------------------------------------------------------------------------------------
+# The model, re-laid for speed
+# ---------------------------------------------------------------------------------------------
+
+class FastCache:
+    """Main KV slots [B, S, Hkv, D] per layer (slot = position) and, for SSD's tree, a chain buffer
+    [B, N, K, Hkv, D] per layer: branch i's depth-d key lives at [:, i, d]."""
+
+    def __init__(self, cfg, batch, slots, branches, k, dtype, device):
+        shape = (batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        tree = (batch, max(branches, 1), max(k, 1), cfg.num_key_value_heads, cfg.head_dim)
+        self.k_tree = [torch.zeros(tree, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)] if branches else None
+        self.v_tree = [torch.zeros(tree, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)] if branches else None
+        self.slots = slots
+
+
+class FastModel:
+    def __init__(self, model: ssd.Transformer, device, dtype, ops: Ops):
+        cfg = model.cfg
+        rope_type = (cfg.rope_scaling or {}).get("rope_type", "default")
+        if cfg.sliding_window or rope_type == "dynamic" or cfg.partial_rotary_factor != 1.0:
+            raise ValueError("ssd_fast.py does not support sliding-window attention, dynamic RoPE or partial "
+                             "rotary embeddings yet: use ssd.py for this checkpoint")
+        self.cfg, self.ops, self.device, self.dtype = cfg, ops, device, dtype
+
+        def w(t):
+            return None if t is None else t.detach().to(device=device, dtype=dtype).contiguous()
+        self.layers = []
+        for block in model.model.layers:
+            a, m = block.self_attn, block.mlp
+            biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
+            self.layers.append(dict(
+                ln1=w(block.input_layernorm.weight), ln2=w(block.post_attention_layernorm.weight),
+                wqkv=w(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
+                bqkv=w(torch.cat(biases)) if biases[0] is not None else None,
+                wo=w(a.o_proj.weight), bo=w(a.o_proj.bias),
+                q_norm=w(a.q_norm.weight) if cfg.qk_norm else None, k_norm=w(a.k_norm.weight) if cfg.qk_norm else None,
+                w_gate_up=w(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
+                b_gate_up=w(torch.cat([m.gate_proj.bias, m.up_proj.bias])) if m.gate_proj.bias is not None else None,
+                w_down=w(m.down_proj.weight), b_down=w(m.down_proj.bias)))
+        self.embed = w(model.model.embed_tokens.weight)
+        self.lm_head = self.embed if cfg.tie_word_embeddings else w(model.lm_head.weight)
+        self.norm = w(model.model.norm.weight)
+        inv_freq, scale = ssd.rope_inv_freq(cfg)
+        angles = torch.arange(cfg.max_position_embeddings + 64, dtype=torch.float64)[:, None] * inv_freq
+        self.cos = (angles.cos() * scale).float().to(device)
+        self.sin = (angles.sin() * scale).float().to(device)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.n_params = sum(p.numel() for p in model.parameters())
+
+    def new_cache(self, batch, slots, branches=0, k=0) -> FastCache:
+        return FastCache(self.cfg, batch, slots, branches, k, self.dtype, self.device)
+
+    def forward(self, tokens, positions, cache: FastCache, tree=None):
+        """tokens, positions [B, T]. Without `tree`: the T tokens sit at slots = positions, which
+        continue each row's valid prefix (query t sees slots 0 .. positions[b, 0] + t).
+        With tree = (trunk_lens [B], branch_glue [B, N], depth): SSD's tree step, one query per branch.
+        Returns float32 logits [B, T, V]."""
+        cfg, ops = self.cfg, self.ops
+        B, T = tokens.shape
+        H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        rows = torch.arange(B, device=tokens.device)[:, None]
+        x, resid = self.embed[tokens], None
+        for i, L in enumerate(self.layers):
+            h, resid = ops.add_rmsnorm(x, resid, L["ln1"], cfg.rms_norm_eps)
+            qkv = F.linear(h, L["wqkv"], L["bqkv"])
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
+            if cfg.qk_norm:
+                q, k = ops.rmsnorm(q, L["q_norm"], cfg.rms_norm_eps), ops.rmsnorm(k, L["k_norm"], cfg.rms_norm_eps)
+            q, k = ops.rope(q, positions, self.cos, self.sin), ops.rope(k, positions, self.cos, self.sin)
+            if tree is None:
+                cache.k[i][rows, positions] = k
+                cache.v[i][rows, positions] = v
+                attn = ops.cache_attention(q, cache.k[i], cache.v[i], positions[:, 0], self.scale)
+            else:
+                trunk_lens, branch_glue, depth = tree
+                cache.k_tree[i][:, :, depth] = k
+                cache.v_tree[i][:, :, depth] = v
+                attn = ops.tree_attention(q, cache.k[i], cache.v[i], trunk_lens, branch_glue, cache.k_tree[i],
+                                          cache.v_tree[i], depth, self.scale)
+            x = F.linear(attn.reshape(B, T, H * D), L["wo"], L["bo"])
+            h, resid = ops.add_rmsnorm(x, resid, L["ln2"], cfg.rms_norm_eps)
+            gate, up = F.linear(h, L["w_gate_up"], L["b_gate_up"]).chunk(2, dim=-1)
+            x = F.linear(F.silu(gate) * up, L["w_down"], L["b_down"])
+        h, _ = ops.add_rmsnorm(x, resid, self.norm, cfg.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()
+
+
+class Graphed:
+    """A model step as a CUDA graph for fixed shapes: inputs are copied into static buffers and the
+    graph is replayed. Capture happens at first use with the real inputs: the warm-up run writes the
+    same KV values the replay writes again, so capturing never disturbs the caches."""
+
+    def __init__(self, fn, inputs: dict, pool):
+        self.static = {k: v.clone() for k, v in inputs.items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn(**self.static)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = fn(**self.static)
+
+    def __call__(self, **inputs):
+        for k, v in inputs.items():
+            self.static[k].copy_(v)
+        self.graph.replay()
+        return self.out
+
+
+class Runner:
+    """Runs FastModel steps, through CUDA graphs keyed by (name, shape) when enabled."""
+
+    def __init__(self, model: FastModel, use_graphs: bool):
+        self.model, self.use_graphs, self.graphs = model, use_graphs, {}
+        self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
+
+    def step(self, cache, tokens, positions):
+        fn = lambda tokens, positions: self.model.forward(tokens, positions, cache)  # noqa: E731
+        return self._run(("step", id(cache), tuple(tokens.shape)), fn, tokens=tokens, positions=positions)
+
+    def tree_step(self, cache, tokens, positions, trunk_lens, branch_glue, depth):
+        def fn(tokens, positions, trunk_lens, branch_glue):
+            return self.model.forward(tokens, positions, cache, tree=(trunk_lens, branch_glue, depth))
+        return self._run(("tree", id(cache), tuple(tokens.shape), depth), fn, tokens=tokens, positions=positions,
+                         trunk_lens=trunk_lens, branch_glue=branch_glue)
+
+    def _run(self, key, fn, **inputs):
+        if not self.use_graphs:
+            return fn(**inputs)
+        if key not in self.graphs:
+            self.graphs[key] = Graphed(fn, inputs, self.pool)
+        return self.graphs[key](**inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: the rounds of ssd.py with the state on the device
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """Device state of a batch padded to its bucket: token history, committed lengths (the last
+    committed token is the recovery token r, not yet run through the target), rows still active."""
+    hist: torch.Tensor          # [Bb, L] int64
+    lens: torch.Tensor          # [Bb] int64
+    active: torch.Tensor        # [Bb] bool
+    tokens: list                # host copy of each real row's tokens
+    prompt_lens: list
+    done: list
+    finish: list
+    last_n: torch.Tensor        # [Bb] outcome n of the last round (the cache key with r)
+    spec: dict | None = None    # the speculation cache (device tensors)
+    next_hit: list | None = None
+
+
+class Engine:
+    """Load once, generate many. `Engine(target, draft)` takes ssd.Transformer models (loaded on the
+    CPU by ssd.load_model) and re-lays them on the device."""
+
+    def __init__(self, target: ssd.Transformer, draft: ssd.Transformer | None = None, device=None,
+                 dtype=None, cuda_graphs=True, max_seq=4096, log=print):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        on_gpu = str(device).startswith("cuda")
+        if on_gpu and not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but no CUDA GPU is visible: drop --device to run on the CPU")
+        if not on_gpu:
+            log("ssd_fast: no CUDA device, running the same algorithm with the PyTorch reference ops in float32")
+        self.device, self.on_gpu = torch.device(device), on_gpu
+        self.dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
+        self.ops = Ops(use_triton=on_gpu)
+        if draft is not None:
+            ssd.check_compatible(target, draft)
+        self.target = FastModel(target, self.device, self.dtype, self.ops)
+        self.draft = FastModel(draft, self.device, self.dtype, self.ops) if draft is not None else None
+        graphs = cuda_graphs and on_gpu
+        self.t_run = Runner(self.target, graphs)
+        self.d_run = Runner(self.draft, graphs) if draft is not None else None
+        self.max_seq = min(max_seq, target.cfg.max_position_embeddings)
+        self.caches, self.calibrated = {}, {}
+        self.check_sync = False
+
+    # --- small device helpers -----------------------------------------------------------------
+
+    def _probs(self, logits, t, req):
+        return ssd.to_probs(logits, t, req.top_k, req.top_p)
+
+    def _sample(self, probs):
+        """Exact sampling by exponential race: argmax p / E with E ~ Exp(1), no host sync."""
+        flat = probs.reshape(-1, probs.shape[-1]).float().contiguous()
+        noise = torch.empty_like(flat).exponential_()
+        return self.ops.sample_exponential_race(flat, noise).reshape(probs.shape[:-1])
+
+    def _cache(self, model, name, batch, branches=0, k=0):
+        key = (name, batch, branches, k)
+        if key not in self.caches:
+            self.caches[key] = model.new_cache(batch, self.max_seq + 2 * k + 2, branches, k)
+        return self.caches[key]
+
+    # --- generate -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts, draft=None, mode="ar", k=4, temperature=0.0, draft_temperature=None, top_k=0,
+                 top_p=1.0, fan_out="auto", fan_out_budget=None, saguaro_c=1.0, backup="auto", miss_exponent=1.0,
+                 max_new_tokens=64, seed=0, eos_token_id=None, on_round=None, profile=False) -> ssd.GenerationResult:
+        """Same arguments and result as ssd.generate (the models are the engine's). With
+        profile=True every part of a round is timed with a device synchronization (slower)."""
+        if mode != "ar" and self.draft is None:
+            raise ValueError(f"mode {mode} needs a draft model: build the Engine with one")
+        req = ssd.make_request(_CfgOnly(self.target.cfg), prompts, _CfgOnly(self.draft.cfg) if self.draft else None,
+                               mode, k, temperature, draft_temperature, top_k, top_p, fan_out, fan_out_budget,
+                               saguaro_c, backup, miss_exponent, max_new_tokens, seed, eos_token_id, self.max_seq)
+        torch.manual_seed(seed)
+        self.profile, self.req = profile, req
+        B = len(req.prompts)
+        Bb = bucket(B)
+        dev = self.device
+        req.t = torch.cat([req.t, torch.zeros(Bb - B)]).to(dev)
+        req.t_draft = torch.cat([req.t_draft, torch.zeros(Bb - B)]).to(dev)
+        branches = (sum(req.fan) if req.fan else req.budget) if mode == "ssd" else 0
+        self.tc = self._cache(self.target, "target", Bb)
+        self.dc = self._cache(self.draft, "draft", Bb, branches, req.k) if mode != "ar" else None
+        est = ssd.Estimates(k=req.k)
+        if mode == "ssd" and req.backup == "auto":
+            est.t_verify, est.t_jit = self._calibrate(Bb, req.k)
+
+        t0 = time.perf_counter()
+        st = self._prefill(req, Bb, mode)
+        prefill_time = time.perf_counter() - t0
+        rounds = []
+        round_fn = {"ar": self._ar_round, "sd": self._sd_round, "ssd": self._ssd_round}[mode]
+        while not all(st.done):
+            active = [not d for d in st.done]
+            t_round = time.perf_counter()
+            stats = ssd.RoundStats(accepted=[])
+            if self.check_sync:   # tests: any host synchronization inside a round raises
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                n, new, hit_next = round_fn(st, req, stats, est)
+            finally:
+                if self.check_sync:
+                    torch.cuda.set_sync_debug_mode("default")
+            packed = torch.cat([n[:, None], new, hit_next[:, None].long()], 1)[:B].tolist()  # the one sync
+            stats.times["round"] = time.perf_counter() - t_round
+            stats.active = active
+            self._commit_host(st, req, packed, stats)
+            est.update(stats)
+            rounds.append(stats)
+            if on_round:
+                on_round([t[p:] for t, p in zip(st.tokens, st.prompt_lens)], stats)
+        return ssd.GenerationResult(tokens=[t[p:] for t, p in zip(st.tokens, st.prompt_lens)],
+                                    finish_reasons=st.finish, rounds=rounds, mode=mode, k=req.k_used,
+                                    prefill_time=prefill_time)
+
+    def _prefill(self, req, Bb, mode):
+        dev, B = self.device, len(req.prompts)
+        prompts = req.prompts + [req.prompts[0]] * (Bb - B)          # padding rows, frozen from the start
+        T = max(len(p) for p in prompts)
+        tokens = torch.tensor([p + [p[-1]] * (T - len(p)) for p in prompts], device=dev)
+        positions = torch.arange(T, device=dev)[None].expand(Bb, T).contiguous()
+        plens = torch.tensor([len(p) for p in prompts], device=dev)
+        logits = self.target.forward(tokens, positions, self.tc)[torch.arange(Bb, device=dev), plens - 1]
+        if mode != "ar":
+            self.draft.forward(tokens, positions, self.dc)
+        first = self._sample(self._probs(logits, req.t, req))
+        hist = torch.zeros(Bb, self.max_seq + 2 * req.k + 4, dtype=torch.long, device=dev)
+        hist[:, :T] = tokens
+        hist[torch.arange(Bb, device=dev), plens] = first
+        st = Batch(hist=hist, lens=plens + 1, active=torch.tensor([b < B for b in range(Bb)], device=dev),
+                   tokens=[list(p) for p in req.prompts], prompt_lens=[len(p) for p in req.prompts],
+                   done=[False] * B, finish=[None] * B, last_n=torch.zeros(Bb, dtype=torch.long, device=dev),
+                   next_hit=[False] * B)
+        for b, tok in enumerate(first[:B].tolist()):
+            st.tokens[b].append(tok)
+            self._finish_check(st, b, req)
+        st.active[:B] = torch.tensor([not d for d in st.done], device=dev)
+        return st
+
+    def _finish_check(self, st, b, req):
+        generated = st.tokens[b][st.prompt_lens[b]:]
+        for i, tok in enumerate(generated):
+            if tok in req.eos or i + 1 >= req.max_new_tokens:
+                st.tokens[b] = st.tokens[b][:st.prompt_lens[b] + i + 1]
+                st.done[b], st.finish[b] = True, "eos" if tok in req.eos else "length"
+                return
+        if len(st.tokens[b]) + req.k_used + 1 > req.context_limit:
+            st.done[b], st.finish[b] = True, "context"
+
+    def _commit_device(self, st, n, new):
+        """Write the accepted tokens s1..sn and the new recovery token into the history (active rows)."""
+        K1 = new.shape[1]
+        n = torch.where(st.active, n, torch.zeros_like(n))
+        idx = st.lens[:, None] + torch.arange(K1, device=n.device)
+        keep = (torch.arange(K1, device=n.device)[None] <= n[:, None]) & st.active[:, None]
+        st.hist.scatter_(1, idx, torch.where(keep, new, st.hist.gather(1, idx)))
+        st.lens += torch.where(st.active, n + 1, torch.zeros_like(n))
+        st.last_n = n
+
+    def _commit_host(self, st, req, packed, stats):
+        stats.accepted = [row[0] for row in packed]
+        for b, row in enumerate(packed):
+            if st.done[b]:
+                continue
+            st.tokens[b] += row[1:2 + row[0]]
+            self._finish_check(st, b, req)
+        st.next_hit = [bool(row[-1]) for row in packed]
+        st.active[:len(packed)] = torch.tensor([not d for d in st.done], device=self.device)
+
+    def _timed(self, stats, name):
+        return _Timer(stats, name, self.profile and self.on_gpu)
+
+    # --- rounds ---------------------------------------------------------------------------------
+
+    def _ar_round(self, st, req, stats, est):
+        with self._timed(stats, "verify"):
+            pos = st.lens - 1
+            r = st.hist.gather(1, pos[:, None])
+            logits = self.t_run.step(self.tc, r, pos[:, None])[:, 0]
+            r_new = self._sample(self._probs(logits, req.t, req))
+        n = torch.zeros_like(r_new)
+        self._commit_device(st, n, r_new[:, None])
+        return n, r_new[:, None], torch.zeros_like(n, dtype=torch.bool)
+
+    def _draft_propose(self, st, req, fan=None):
+        """K draft steps from the recovery token r (SD, and SSD's jit backup). The first step also
+        re-reads the token before r, so rows where the draft has not seen s_K yet (all K accepted
+        last round) need no separate catch-up pass: every row runs the same shapes."""
+        m1 = st.lens - 1
+        first = st.hist.gather(1, torch.stack([m1 - 1, m1], 1))
+        logits = self.d_run.step(self.dc, first, torch.stack([m1 - 1, m1], 1))[:, -1]
+        tokens, qs = [], []
+        for i in range(req.k):
+            q = self._probs(logits, req.t_draft, req)
+            if fan is not None:
+                q = ssd.saguaro_rescale(q, fan[i], req.c)
+            s = self._sample(q)
+            tokens.append(s)
+            qs.append(q)
+            if i + 1 < req.k:
+                logits = self.d_run.step(self.dc, s[:, None], (m1 + 1 + i)[:, None])[:, 0]
+        return torch.stack(tokens, 1), torch.stack(qs, 1)
+
+    def _verify(self, st, req, proposal, q):
+        """The target's pass over [r, s1..sK] and the fused exact verify (one kernel, no sync)."""
+        m1 = st.lens - 1
+        r = st.hist.gather(1, m1[:, None])
+        tokens = torch.cat([r, proposal], 1)
+        positions = m1[:, None] + torch.arange(req.k + 1, device=self.device)
+        p = self._probs(self.t_run.step(self.tc, tokens, positions), req.t, req)
+        B, V = p.shape[0], p.shape[-1]
+        u = torch.rand(B, req.k, device=self.device)
+        noise = torch.empty(B, V, device=self.device).exponential_()
+        n, r_new = self.ops.verify(p.contiguous(), q.float().contiguous(), proposal, u, noise)
+        j = torch.arange(req.k + 1, device=self.device)[None]
+        new = torch.where(j < n[:, None], torch.cat([proposal, proposal[:, -1:]], 1), r_new[:, None])
+        return n, new
+
+    def _sd_round(self, st, req, stats, est):
+        with self._timed(stats, "draft"):
+            proposal, q = self._draft_propose(st, req)
+        with self._timed(stats, "verify"):
+            n, new = self._verify(st, req, proposal, q)
+        self._commit_device(st, n, new)
+        return n, new, torch.zeros_like(n, dtype=torch.bool)
+
+    def _ngram_proposal(self, st, req):
+        """ssd.ngram_proposal on the device: what followed the latest earlier occurrence of r."""
+        m1 = st.lens - 1
+        r = st.hist.gather(1, m1[:, None])
+        idx = torch.arange(st.hist.shape[1], device=self.device)[None]
+        match = (st.hist == r) & (idx < m1[:, None])
+        last = torch.where(match, idx, torch.full_like(idx, -1)).max(1).values
+        follow = last[:, None] + 1 + torch.arange(req.k, device=self.device)
+        ok = (last[:, None] >= 0) & (follow <= m1[:, None])
+        return torch.where(ok, st.hist.gather(1, follow.clamp(min=0)), r)
+
+    def _ssd_round(self, st, req, stats, est):
+        B = len(st.tokens)
+        fan = req.fan or ssd.geometric_fan_out(req.k, req.budget, est.accept_rate, req.miss_exponent)
+        fan = [min(f, self.target.cfg.vocab_size - 1) for f in fan]
+        stats.fan_out = fan
+        # 1. The outcome key (n, r) was looked up on the device at the end of the last round.
+        stats.hit = list(st.next_hit)
+        with self._timed(stats, "lookup"):
+            proposal, q, hit = self._lookup(st)
+        # 2. Misses: the jit backup (the draft decodes K tokens now) or the cheap n-gram proposal.
+        if not all(h or d for h, d in zip(stats.hit, st.done)):
+            stats.backup = req.backup if req.backup != "auto" else ssd.choose_backup(B, est)
+            with self._timed(stats, "backup"):
+                if stats.backup == "jit":
+                    s, qs = self._draft_propose(st, req, fan)
+                else:
+                    s = self._ngram_proposal(st, req)    # deterministic: verified with q = one-hot
+                    qs = torch.zeros(*s.shape, self.target.cfg.vocab_size, device=self.device).scatter_(-1, s[..., None], 1.0)
+                proposal = torch.where(hit[:, None], proposal, s)
+                q = torch.where(hit[:, None, None], q, qs)
+        # 3. Verify (on two GPUs, 4 runs on the draft's GPU at the same time).
+        with self._timed(stats, "verify"):
+            n, new = self._verify(st, req, proposal, q)
+        # 4. Glue pass, fork, tree decode: the next round's speculation cache.
+        self._build_speculation_cache(st, req, proposal, fan, stats)
+        self._commit_device(st, n, new)
+        _, _, hit_next = self._lookup(st)
+        return n, new, hit_next
+
+    def _lookup(self, st):
+        """Device-side lookup of (last n, r) among the cached keys: (proposal, q, hit) per row."""
+        spec, Bb = st.spec, st.hist.shape[0]
+        if spec is None:
+            V = self.target.cfg.vocab_size
+            return (torch.zeros(Bb, self.req.k, dtype=torch.long, device=self.device),
+                    torch.zeros(Bb, self.req.k, V, device=self.device), torch.zeros(Bb, dtype=torch.bool, device=self.device))
+        r = st.hist.gather(1, (st.lens - 1)[:, None])
+        match = (spec["j"] == st.last_n[:, None]) & (spec["cand"] == r)
+        hit, idx = match.any(1), match.float().argmax(1)
+        rows = torch.arange(Bb, device=self.device)
+        return spec["chains"][rows, idx], spec["q"][rows, idx], hit
+
+    def _build_speculation_cache(self, st, req, proposal, fan, stats):
+        K, dev = req.k, self.device
+        m1 = st.lens - 1
+        r = st.hist.gather(1, m1[:, None])
+        with self._timed(stats, "glue"):
+            glue = self.d_run.step(self.dc, torch.cat([r, proposal], 1), m1[:, None] + torch.arange(K + 1, device=dev))
+        with self._timed(stats, "tree"):
+            scores = glue.clone()
+            scores[:, :K].scatter_(-1, proposal[..., None], float("-inf"))   # s_{j+1} would have been accepted
+            cand = torch.cat([scores[:, j].topk(fan[j], dim=-1).indices for j in range(K + 1) if fan[j]], 1)
+            N = cand.shape[1]
+            branch_j = torch.tensor([j for j in range(K + 1) for _ in range(fan[j])], device=dev)[None].expand(cand.shape[0], N)
+            if N < self.dc.k_tree[0].shape[1]:   # fewer branches than the buffer (tiny vocabularies): pad
+                pad = self.dc.k_tree[0].shape[1] - N
+                cand = torch.cat([cand, cand[:, :1].expand(-1, pad)], 1)
+                branch_j = torch.cat([branch_j, torch.full_like(cand[:, :pad], -1)], 1)
+            tokens, chains, qs = cand, [], []
+            glue_j = branch_j.clamp(min=0).contiguous()
+            for depth in range(K):
+                positions = m1[:, None] + glue_j + 1 + depth
+                logits = self.d_run.tree_step(self.dc, tokens, positions, m1, glue_j, depth)
+                q = ssd.saguaro_rescale(self._probs(logits, req.t_draft, req), fan[depth], req.c)
+                tokens = self._sample(q)
+                chains.append(tokens)
+                qs.append(q)
+            st.spec = dict(j=branch_j, cand=cand, chains=torch.stack(chains, 2), q=torch.stack(qs, 2))
+
+    def _calibrate(self, Bb, k):
+        """Measure one verify and one jit backup (K draft steps) at this batch size, for the
+        batch-aware backup choice. Writes only the last slots, which no row has reached yet."""
+        if (Bb, k) in self.calibrated:
+            return self.calibrated[(Bb, k)]
+        dev, S = self.device, self.tc.slots
+        pos = (S - k - 2 + torch.arange(k + 1, device=dev))[None].expand(Bb, -1).contiguous()
+        tok = torch.zeros(Bb, k + 1, dtype=torch.long, device=dev)
+
+        def timed(fn, reps=3):
+            fn()
+            self._sync()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            self._sync()
+            return (time.perf_counter() - t0) / reps
+        t_verify = timed(lambda: self.t_run.step(self.tc, tok, pos))
+        t_jit = timed(lambda: [self.d_run.step(self.dc, tok[:, :1], pos[:, i:i + 1]) for i in range(k)])
+        self.calibrated[(Bb, k)] = (t_verify, t_jit)
+        return t_verify, t_jit
+
+    def _sync(self):
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
+
+
+class _CfgOnly:
+    """What ssd.make_request needs of a model: its config."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+
+class _Timer:
+    def __init__(self, stats, name, sync):
+        self.stats, self.name, self.sync = stats, name, sync
+
+    def __enter__(self):
+        if self.sync:
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.sync:
+            torch.cuda.synchronize()
+        self.stats.times[self.name] = self.stats.times.get(self.name, 0.0) + time.perf_counter() - self.t0

@@ -1,0 +1,126 @@
+"""ssd_fast.py computes what ssd.py computes: greedy tokens, the output distribution, on CPU (the
+PyTorch fallback) and, marked `gpu`, in bf16 with Triton kernels and CUDA graphs on and off."""
+import pytest
+import torch
+
+import ssd
+import ssd_fast
+import test_exactness as te
+from conftest import make_checkpoint
+
+PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [1, 2], [70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 12], [33]]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast")
+    make_checkpoint(root / "t", seed=1, logit_scale=5.0)
+    make_checkpoint(root / "d", seed=2, num_hidden_layers=1, logit_scale=5.0)
+    return ssd.load_model(root / "t"), ssd.load_model(root / "d")
+
+
+@pytest.fixture(scope="module")
+def cpu_engine(pair):
+    return ssd_fast.Engine(*pair, device="cpu", log=lambda *a: None)
+
+
+@pytest.mark.parametrize("mode,kw", [("ar", {}), ("sd", dict(k=1)), ("sd", dict(k=4)), ("ssd", dict(k=3, backup="jit")),
+                                     ("ssd", dict(k=2, backup="fast", fan_out=3)), ("ssd", dict(k=4, saguaro_c=0.5))])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fast_greedy_equals_reference(pair, cpu_engine, mode, kw, batch):
+    ref = ssd.generate(pair[0], PROMPTS[:batch], max_new_tokens=20, eos_token_id=[])
+    out = cpu_engine.generate(PROMPTS[:batch], mode=mode, max_new_tokens=20, eos_token_id=[], **kw)
+    assert out.tokens == ref.tokens
+    assert all(len(t) == 20 for t in out.tokens)
+
+
+def test_fast_draft_equal_to_target(pair):
+    engine = ssd_fast.Engine(pair[0], pair[0], device="cpu", log=lambda *a: None)
+    out = engine.generate(PROMPTS[:2], mode="ssd", k=3, max_new_tokens=1 + 5 * 4, eos_token_id=[], backup="jit")
+    s = out.summary()
+    assert s["acceptance_rate"] == 1.0 and s["tokens_per_round"] == 4
+    assert all(all(r.hit) for r in out.rounds[1:])
+
+
+def test_fast_eos_and_reasons(pair, cpu_engine):
+    ar = ssd.generate(pair[0], PROMPTS[:1], max_new_tokens=30, eos_token_id=[]).tokens[0]
+    eos = ar[6]
+    out = cpu_engine.generate(PROMPTS[:3], mode="ssd", k=4, max_new_tokens=9, eos_token_id=eos)
+    assert out.tokens[0] == ar[:ar.index(eos) + 1] and out.finish_reasons[0] == "eos"
+    assert all(len(t) <= 9 for t in out.tokens)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast-small")
+    make_checkpoint(root / "t", seed=11, **te.SMALL_VOCAB)
+    make_checkpoint(root / "d", seed=12, num_hidden_layers=1, **te.SMALL_VOCAB)
+    return ssd.load_model(root / "t"), ssd.load_model(root / "d")
+
+
+@pytest.mark.parametrize("path", ["sd", "ssd-jit", "ssd-fast-saguaro"])
+def test_fast_distribution(small, path):
+    """The statistical exactness test of the reference, on the fast engine's code path."""
+    target, draft = small
+    engine = ssd_fast.Engine(target, draft, device="cpu", log=lambda *a: None)
+    prompt = [1, 4, 2, 5, 0]
+    out = engine.generate([prompt] * te.N_SAMPLES, temperature=1.0, max_new_tokens=te.N_TOKENS, eos_token_id=[],
+                          seed=7, **te.PATHS[path])
+    samples = [tuple(t[te.WINDOW]) for t in out.tokens]
+    assert te.chi_square_p_value(samples, te.exact_joint(target, prompt, te.N_TOKENS, te.WINDOW)) > 1e-3
+
+
+def test_device_ngram_equals_reference(pair, cpu_engine):
+    hist = [4, 9, 4, 7, 1, 4]
+    st = ssd_fast.Batch(hist=torch.tensor([hist + [0] * 4]), lens=torch.tensor([len(hist)]), active=torch.tensor([True]),
+                        tokens=[hist], prompt_lens=[1], done=[False], finish=[None], last_n=torch.tensor([0]))
+    req = ssd.make_request(pair[0], [1], pair[1], "ssd", k=3)
+    assert cpu_engine._ngram_proposal(st, req)[0].tolist() == ssd.ngram_proposal(hist, 3)
+
+
+# --- on a GPU -----------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [True, False])
+def test_gpu_greedy_modes_agree(pair, graphs):
+    engine = ssd_fast.Engine(*pair, device="cuda", cuda_graphs=graphs)
+    ar = engine.generate(PROMPTS, mode="ar", max_new_tokens=24, eos_token_id=[]).tokens
+    for mode, kw in [("sd", dict(k=4)), ("ssd", dict(k=3, backup="jit")), ("ssd", dict(k=4, backup="fast"))]:
+        assert engine.generate(PROMPTS, mode=mode, max_new_tokens=24, eos_token_id=[], **kw).tokens == ar, (mode, kw)
+    cpu = ssd.generate(pair[0], PROMPTS, max_new_tokens=24, eos_token_id=[]).tokens
+    agree = sum(a == b for x, y in zip(ar, cpu) for a, b in zip(x, y)) / sum(map(len, cpu))
+    assert agree > 0.9   # bf16 on the GPU vs float32 on the CPU: near-ties may flip late tokens
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_on_and_off_agree(pair):
+    on = ssd_fast.Engine(*pair, device="cuda", cuda_graphs=True)
+    off = ssd_fast.Engine(*pair, device="cuda", cuda_graphs=False)
+    for kw in (dict(mode="ssd", k=3), dict(mode="sd", k=4, temperature=1.0, seed=3)):
+        assert on.generate(PROMPTS, max_new_tokens=20, eos_token_id=[], **kw).tokens == \
+            off.generate(PROMPTS, max_new_tokens=20, eos_token_id=[], **kw).tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["ar", "sd", "ssd"])
+def test_gpu_round_has_no_host_sync(pair, mode):
+    engine = ssd_fast.Engine(*pair, device="cuda")
+    engine.generate(PROMPTS, mode=mode, k=3, max_new_tokens=8, eos_token_id=[])    # capture graphs first
+    engine.check_sync = True
+    engine.generate(PROMPTS, mode=mode, k=3, max_new_tokens=16, eos_token_id=[], backup="jit")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["sd", "ssd-jit"])
+def test_gpu_distribution(small, path):
+    target, draft = small
+    engine = ssd_fast.Engine(target, draft, device="cuda", dtype=torch.float32)
+    prompt = [1, 4, 2, 5, 0]
+    out = engine.generate([prompt] * 64, temperature=1.0, max_new_tokens=te.N_TOKENS, eos_token_id=[], seed=5,
+                          **te.PATHS[path])
+    samples = []
+    for seed in range(te.N_SAMPLES // 64):
+        out = engine.generate([prompt] * 64, temperature=1.0, max_new_tokens=te.N_TOKENS, eos_token_id=[],
+                              seed=seed, **te.PATHS[path])
+        samples += [tuple(t[te.WINDOW]) for t in out.tokens]
+    assert te.chi_square_p_value(samples, te.exact_joint(target, prompt, te.N_TOKENS, te.WINDOW)) > 1e-3
