@@ -484,7 +484,7 @@ class Engine:
             scores[:, :K].scatter_(-1, proposal[..., None], float("-inf"))   # s_{j+1} would have been accepted
             cand = torch.cat([scores[:, j].topk(fan[j], dim=-1).indices for j in range(K + 1) if fan[j]], 1)
             N = cand.shape[1]
-            branch_j = torch.tensor([j for j in range(K + 1) for _ in range(fan[j])], device=dev)[None].expand(cand.shape[0], N)
+            branch_j = torch.cat([torch.full_like(cand[:, :f], j) for j, f in enumerate(fan) if f], 1)  # no host copy
             if N < self.dc.k_tree[0].shape[1]:   # fewer branches than the buffer (tiny vocabularies): pad
                 pad = self.dc.k_tree[0].shape[1] - N
                 cand = torch.cat([cand, cand[:, :1].expand(-1, pad)], 1)
