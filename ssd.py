@@ -541,6 +541,12 @@ def finish_check(state, b, max_new_tokens, eos_ids, context_limit, k):
         state.done[b], state.finish[b] = True, "context"
 
 
+def stop_rows(state, rows, reason="stop"):
+    for b in rows or ():
+        if not state.done[b]:
+            state.done[b], state.finish[b] = True, reason
+
+
 # --- AR and SD ---------------------------------------------------------------------------------
 
 def ar_round(state, target, draft, opts, ctx):
@@ -901,7 +907,9 @@ def generate(target: Transformer, prompts, draft: Transformer | None = None, mod
     fan_out: "auto" (geometric, from the running acceptance estimate, budget `fan_out_budget`,
     default 4(K+1)) or an int per outcome or a list of K+1 ints; saguaro_c in (0, 1];
     backup: "auto" (by batch size and measured costs) | "jit" | "fast".
-    `on_round(result_so_far_tokens, stats)` is called after every round (for streaming)."""
+    `on_round(tokens_so_far, stats)` is called after every round (for streaming); it may return the
+    rows to stop now (e.g. a stop string appeared), which finish with reason "stop". Ctrl-C ends
+    the generation cleanly: unfinished rows keep their tokens and finish with "interrupted"."""
     req = make_request(target, prompts, draft, mode, k, temperature, draft_temperature, top_k, top_p, fan_out,
                        fan_out_budget, saguaro_c, backup, miss_exponent, max_new_tokens, seed, eos_token_id)
     batch_prompts, B, k_used, eos, context_limit = req.prompts, len(req.prompts), req.k_used, req.eos, req.context_limit
@@ -930,14 +938,17 @@ def generate(target: Transformer, prompts, draft: Transformer | None = None, mod
     prefill_time = time.perf_counter() - t0
 
     rounds = []
-    while not all(state.done):
-        active = [not d for d in state.done]
-        stats = ROUNDS[mode](state, target, draft, opts, ctx)
-        stats.active = active
-        ctx.est.update(stats)
-        rounds.append(stats)
-        if on_round:
-            on_round([t[p:] for t, p in zip(state.tokens, state.prompt_lens)], stats)
+    try:
+        while not all(state.done):
+            active = [not d for d in state.done]
+            stats = ROUNDS[mode](state, target, draft, opts, ctx)
+            stats.active = active
+            ctx.est.update(stats)
+            rounds.append(stats)
+            if on_round:
+                stop_rows(state, on_round([t[p:] for t, p in zip(state.tokens, state.prompt_lens)], stats))
+    except KeyboardInterrupt:  # Ctrl-C: keep what was generated
+        stop_rows(state, [b for b in range(B) if not state.done[b]], "interrupted")
     return GenerationResult(tokens=[t[p:] for t, p in zip(state.tokens, state.prompt_lens)],
                             finish_reasons=state.finish, rounds=rounds, mode=mode, k=k_used,
                             prefill_time=prefill_time)

@@ -257,11 +257,36 @@ class Engine:
     # --- generate -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, prompts, draft=None, mode="ar", k=4, temperature=0.0, draft_temperature=None, top_k=0,
-                 top_p=1.0, fan_out="auto", fan_out_budget=None, saguaro_c=1.0, backup="auto", miss_exponent=1.0,
+    def generate(self, prompts, mode="ar", k=4, temperature=0.0, draft_temperature=None, top_k=0, top_p=1.0,
+                 fan_out="auto", fan_out_budget=None, saguaro_c=1.0, backup="auto", miss_exponent=1.0,
                  max_new_tokens=64, seed=0, eos_token_id=None, on_round=None, profile=False) -> ssd.GenerationResult:
         """Same arguments and result as ssd.generate (the models are the engine's). With
         profile=True every part of a round is timed with a device synchronization (slower)."""
+        run = self._start(prompts, mode, k, temperature, draft_temperature, top_k, top_p, fan_out, fan_out_budget,
+                          saguaro_c, backup, miss_exponent, max_new_tokens, seed, eos_token_id, profile)
+        try:
+            for stats in run.rounds_iter():
+                if on_round:
+                    run.stop(on_round(run.generated(), stats))
+        except KeyboardInterrupt:  # Ctrl-C: keep what was generated
+            run.stop([b for b in range(run.B) if not run.st.done[b]], "interrupted")
+        return run.result()
+
+    @torch.no_grad()
+    def stream(self, prompt, **kw):
+        """Iterate over the new token ids of one prompt, a chunk per round, as they are accepted
+        (the keyword arguments of generate). The chunks concatenated are generate's tokens."""
+        run = self._start([list(prompt)], **kw)
+        sent = 0
+        for _ in run.rounds_iter():
+            tokens = run.generated()[0]
+            if len(tokens) > sent:
+                yield tokens[sent:]
+                sent = len(tokens)
+
+    def _start(self, prompts, mode="ar", k=4, temperature=0.0, draft_temperature=None, top_k=0, top_p=1.0,
+               fan_out="auto", fan_out_budget=None, saguaro_c=1.0, backup="auto", miss_exponent=1.0,
+               max_new_tokens=64, seed=0, eos_token_id=None, profile=False) -> "_Run":
         if mode != "ar" and self.draft is None:
             raise ValueError(f"mode {mode} needs a draft model: build the Engine with one")
         req = ssd.make_request(_CfgOnly(self.target.cfg), prompts, _CfgOnly(self.draft.cfg) if self.draft else None,
@@ -280,34 +305,9 @@ class Engine:
         est = ssd.Estimates(k=req.k)
         if mode == "ssd" and req.backup == "auto":
             est.t_verify, est.t_jit = self._calibrate(Bb, req.k)
-
         t0 = time.perf_counter()
         st = self._prefill(req, Bb, mode)
-        prefill_time = time.perf_counter() - t0
-        rounds = []
-        round_fn = {"ar": self._ar_round, "sd": self._sd_round, "ssd": self._ssd_round}[mode]
-        while not all(st.done):
-            active = [not d for d in st.done]
-            t_round = time.perf_counter()
-            stats = ssd.RoundStats(accepted=[])
-            if self.check_sync:   # tests: any host synchronization inside a round raises
-                torch.cuda.set_sync_debug_mode("error")
-            try:
-                n, new, hit_next = round_fn(st, req, stats, est)
-            finally:
-                if self.check_sync:
-                    torch.cuda.set_sync_debug_mode("default")
-            packed = torch.cat([n[:, None], new, hit_next[:, None].long()], 1)[:B].tolist()  # the one sync
-            stats.times["round"] = time.perf_counter() - t_round
-            stats.active = active
-            self._commit_host(st, req, packed, stats)
-            est.update(stats)
-            rounds.append(stats)
-            if on_round:
-                on_round([t[p:] for t, p in zip(st.tokens, st.prompt_lens)], stats)
-        return ssd.GenerationResult(tokens=[t[p:] for t, p in zip(st.tokens, st.prompt_lens)],
-                                    finish_reasons=st.finish, rounds=rounds, mode=mode, k=req.k_used,
-                                    prefill_time=prefill_time)
+        return _Run(self, st, req, est, mode, time.perf_counter() - t0)
 
     def _prefill(self, req, Bb, mode):
         dev, B = self.device, len(req.prompts)
@@ -525,6 +525,47 @@ class Engine:
     def _sync(self):
         if self.on_gpu:
             torch.cuda.synchronize(self.device)
+
+
+class _Run:
+    """One generate call in progress: its device state and the rounds so far."""
+
+    def __init__(self, engine, st, req, est, mode, prefill_time):
+        self.engine, self.st, self.req, self.est, self.mode = engine, st, req, est, mode
+        self.prefill_time, self.rounds, self.B = prefill_time, [], len(req.prompts)
+        self.round_fn = {"ar": engine._ar_round, "sd": engine._sd_round, "ssd": engine._ssd_round}[mode]
+
+    def rounds_iter(self):
+        eng, st, B = self.engine, self.st, self.B
+        while not all(st.done):
+            active = [not d for d in st.done]
+            t_round = time.perf_counter()
+            stats = ssd.RoundStats(accepted=[])
+            if eng.check_sync:   # tests: any host synchronization inside a round raises
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                n, new, hit_next = self.round_fn(st, self.req, stats, self.est)
+            finally:
+                if eng.check_sync:
+                    torch.cuda.set_sync_debug_mode("default")
+            packed = torch.cat([n[:, None], new, hit_next[:, None].long()], 1)[:B].tolist()  # the one sync
+            stats.times["round"] = time.perf_counter() - t_round
+            stats.active = active
+            eng._commit_host(st, self.req, packed, stats)
+            self.est.update(stats)
+            self.rounds.append(stats)
+            yield stats
+
+    def generated(self):
+        return [t[p:] for t, p in zip(self.st.tokens, self.st.prompt_lens)]
+
+    def stop(self, rows, reason="stop"):
+        ssd.stop_rows(self.st, rows, reason)
+        self.st.active[:self.B] = torch.tensor([not d for d in self.st.done], device=self.engine.device)
+
+    def result(self) -> ssd.GenerationResult:
+        return ssd.GenerationResult(tokens=self.generated(), finish_reasons=self.st.finish, rounds=self.rounds,
+                                    mode=self.mode, k=self.req.k_used, prefill_time=self.prefill_time)
 
 
 class _CfgOnly:
