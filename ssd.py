@@ -378,7 +378,7 @@ def to_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: int = 0, to
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
         probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
-    greedy = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
+    greedy = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     return torch.where(t == 0, greedy, probs)
 
 

@@ -177,11 +177,10 @@ class Runner:
         fn = lambda tokens, positions: self.model.forward(tokens, positions, cache)  # noqa: E731
         return self._run(("step", id(cache), tuple(tokens.shape)), fn, tokens=tokens, positions=positions)
 
-    def tree_step(self, cache, tokens, positions, trunk_lens, branch_glue, depth):
-        def fn(tokens, positions, trunk_lens, branch_glue):
-            return self.model.forward(tokens, positions, cache, tree=(trunk_lens, branch_glue, depth))
-        return self._run(("tree", id(cache), tuple(tokens.shape), depth), fn, tokens=tokens, positions=positions,
-                         trunk_lens=trunk_lens, branch_glue=branch_glue)
+    def run(self, key, fn, **inputs):
+        """fn(**inputs) as a CUDA graph keyed by `key` (which must name every constant fn closes over).
+        The outputs are static buffers, overwritten by the next replay of the same graph."""
+        return self._run(key, fn, **inputs)
 
     def _run(self, key, fn, **inputs):
         if not self.use_graphs:
@@ -369,11 +368,13 @@ class Engine:
     # --- rounds ---------------------------------------------------------------------------------
 
     def _ar_round(self, st, req, stats, est):
+        def step(tokens, positions, t):  # forward + sampling, one graph
+            return self._sample(self._probs(self.target.forward(tokens, positions, self.tc)[:, -1], t, req))
         with self._timed(stats, "verify"):
             pos = st.lens - 1
             r = st.hist.gather(1, pos[:, None])
-            logits = self.t_run.step(self.tc, r, pos[:, None])[:, 0]
-            r_new = self._sample(self._probs(logits, req.t, req))
+            r_new = self.t_run.run(("ar", id(self.tc), r.shape[0], req.top_k, req.top_p), step,
+                                   tokens=r, positions=pos[:, None], t=req.t)
         n = torch.zeros_like(r_new)
         self._commit_device(st, n, r_new[:, None])
         return n, r_new[:, None], torch.zeros_like(n, dtype=torch.bool)
@@ -383,34 +384,40 @@ class Engine:
         re-reads the token before r, so rows where the draft has not seen s_K yet (all K accepted
         last round) need no separate catch-up pass: every row runs the same shapes."""
         m1 = st.lens - 1
-        first = st.hist.gather(1, torch.stack([m1 - 1, m1], 1))
-        logits = self.d_run.step(self.dc, first, torch.stack([m1 - 1, m1], 1))[:, -1]
-        tokens, qs = [], []
+        B, V = st.hist.shape[0], self.draft.cfg.vocab_size
+        tokens = torch.empty(B, req.k, dtype=torch.long, device=self.device)
+        qs = torch.empty(B, req.k, V, device=self.device)
+        step_tokens, step_pos = st.hist.gather(1, torch.stack([m1 - 1, m1], 1)), torch.stack([m1 - 1, m1], 1)
         for i in range(req.k):
-            q = self._probs(logits, req.t_draft, req)
-            if fan is not None:
-                q = ssd.saguaro_rescale(q, fan[i], req.c)
-            s = self._sample(q)
-            tokens.append(s)
-            qs.append(q)
-            if i + 1 < req.k:
-                logits = self.d_run.step(self.dc, s[:, None], (m1 + 1 + i)[:, None])[:, 0]
-        return torch.stack(tokens, 1), torch.stack(qs, 1)
+            f_i = fan[i] if fan is not None else 0
+
+            def step(tokens, positions, t, f_i=f_i):  # draft forward + (Saguaro) sampling, one graph
+                q = self._probs(self.draft.forward(tokens, positions, self.dc)[:, -1], t, req)
+                q = ssd.saguaro_rescale(q, f_i, req.c)
+                return self._sample(q), q
+            key = ("draft", id(self.dc), tuple(step_tokens.shape), req.top_k, req.top_p, f_i, req.c)
+            s, q = self.d_run.run(key, step, tokens=step_tokens, positions=step_pos, t=req.t_draft)
+            tokens[:, i], qs[:, i] = s, q
+            step_tokens, step_pos = tokens[:, i:i + 1], (m1 + 1 + i)[:, None]
+        return tokens, qs
 
     def _verify(self, st, req, proposal, q):
         """The target's pass over [r, s1..sK] and the fused exact verify (one kernel, no sync)."""
         m1 = st.lens - 1
         r = st.hist.gather(1, m1[:, None])
-        tokens = torch.cat([r, proposal], 1)
         positions = m1[:, None] + torch.arange(req.k + 1, device=self.device)
-        p = self._probs(self.t_run.step(self.tc, tokens, positions), req.t, req)
-        B, V = p.shape[0], p.shape[-1]
-        u = torch.rand(B, req.k, device=self.device)
-        noise = torch.empty(B, V, device=self.device).exponential_()
-        n, r_new = self.ops.verify(p.contiguous(), q.float().contiguous(), proposal, u, noise)
-        j = torch.arange(req.k + 1, device=self.device)[None]
-        new = torch.where(j < n[:, None], torch.cat([proposal, proposal[:, -1:]], 1), r_new[:, None])
-        return n, new
+
+        def step(tokens, positions, t, proposal, q):  # target forward + exact verify, one graph
+            p = self._probs(self.target.forward(tokens, positions, self.tc), t, req)
+            B, V = p.shape[0], p.shape[-1]
+            u = torch.rand(B, req.k, device=p.device)
+            noise = torch.empty(B, V, device=p.device).exponential_()
+            n, r_new = self.ops.verify(p.contiguous(), q, proposal, u, noise)
+            j = torch.arange(req.k + 1, device=p.device)[None]
+            return n, torch.where(j < n[:, None], torch.cat([proposal, proposal[:, -1:]], 1), r_new[:, None])
+        key = ("verify", id(self.tc), r.shape[0], req.k, req.top_k, req.top_p)
+        return self.t_run.run(key, step, tokens=torch.cat([r, proposal], 1), positions=positions, t=req.t,
+                              proposal=proposal.contiguous(), q=q.float().contiguous())
 
     def _sd_round(self, st, req, stats, est):
         with self._timed(stats, "draft"):
@@ -489,16 +496,22 @@ class Engine:
                 pad = self.dc.k_tree[0].shape[1] - N
                 cand = torch.cat([cand, cand[:, :1].expand(-1, pad)], 1)
                 branch_j = torch.cat([branch_j, torch.full_like(cand[:, :pad], -1)], 1)
-            tokens, chains, qs = cand, [], []
-            glue_j = branch_j.clamp(min=0).contiguous()
+            B, N, V = cand.shape[0], cand.shape[1], self.draft.cfg.vocab_size
+            chains = torch.empty(B, N, K, dtype=torch.long, device=dev)
+            qs = torch.empty(B, N, K, V, device=dev)
+            tokens, glue_j = cand, branch_j.clamp(min=0).contiguous()
             for depth in range(K):
-                positions = m1[:, None] + glue_j + 1 + depth
-                logits = self.d_run.tree_step(self.dc, tokens, positions, m1, glue_j, depth)
-                q = ssd.saguaro_rescale(self._probs(logits, req.t_draft, req), fan[depth], req.c)
-                tokens = self._sample(q)
-                chains.append(tokens)
-                qs.append(q)
-            st.spec = dict(j=branch_j, cand=cand, chains=torch.stack(chains, 2), q=torch.stack(qs, 2))
+                def step(tokens, positions, trunk, glue, t, depth=depth, f=fan[depth]):
+                    logits = self.draft.forward(tokens, positions, self.dc, tree=(trunk, glue, depth))
+                    # Saguaro sampling: a token at depth d is proposal d+1, decided by outcome n = d.
+                    q = ssd.saguaro_rescale(self._probs(logits, t, req), f, req.c)
+                    return self._sample(q), q
+                key = ("tree", id(self.dc), B, N, depth, fan[depth], req.c, req.top_k, req.top_p)
+                s, q = self.d_run.run(key, step, tokens=tokens, positions=m1[:, None] + glue_j + 1 + depth,
+                                      trunk=m1, glue=glue_j, t=req.t_draft)
+                chains[:, :, depth], qs[:, :, depth] = s, q
+                tokens = chains[:, :, depth]
+            st.spec = dict(j=branch_j, cand=cand, chains=chains, q=qs)
 
     def _calibrate(self, Bb, k):
         """Measure one verify and one jit backup (K draft steps) at this batch size, for the
