@@ -11,6 +11,7 @@ then the ``@triton.jit`` kernel, then the Python wrapper that checks shapes and 
     sample_exponential_race / sample_from_logits
                       exact sampling without a host sync: argmax_i p_i / E_i with E_i ~ Exp(1)
     verify            the exact speculative-sampling step (accept while u*q(s) < p(s), residual sample)
+    silu_mul          SwiGLU's gate: silu(gate) * up from the fused gate-up projection, one pass
 
 Every wrapper also runs on CPU tensors under the Triton interpreter: set ``TRITON_INTERPRET=1`` before
 triton is imported (the tests do this when no GPU is present).  Nothing here synchronizes with the host:
@@ -35,6 +36,7 @@ __all__ = [
     "sample_exponential_race", "sample_exponential_race_ref",
     "sample_from_logits", "sample_from_logits_ref",
     "verify", "verify_ref", "verify_greedy",
+    "silu_mul", "silu_mul_ref",
 ]
 
 # triton.jit decides at decoration time whether it interprets (TRITON_INTERPRET); INTERPRET records what it
@@ -891,3 +893,44 @@ def verify_greedy(target_argmax, draft_tokens):
 
 
 INTERPRET = type(_rope_kernel).__name__ == "InterpretedFunction"
+
+
+# ======================================================================================================
+# 7. SwiGLU gate
+# ======================================================================================================
+
+def silu_mul_ref(gate_up):
+    """Reference. gate_up [..., 2I] (the fused gate and up projections, gate first) -> silu(gate) * up [..., I],
+    float32 math, output in the input's dtype."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(gate_up.dtype)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr):
+    """Program (row, block of I): reads gate and up once, writes silu(gate) * up."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
+    out = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(gate_up):
+    """silu(gate) * up over the last dim of the fused gate-up projection: one launch instead of three
+    (split, silu, multiply), and one read of the [.., 2I] activations. Returns [..., I]."""
+    assert gate_up.shape[-1] % 2 == 0, f"last dim must be even (gate and up), got {gate_up.shape[-1]}"
+    _check_device(gate_up)
+    I2 = gate_up.shape[-1]
+    I = I2 // 2
+    x = gate_up.reshape(-1, I2)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(x.shape[0], I, dtype=gate_up.dtype, device=gate_up.device)
+    if x.shape[0] == 0:
+        return out.view(*gate_up.shape[:-1], I)
+    BLOCK = 1024 if gate_up.device.type == "cuda" else min(1024, triton.next_power_of_2(I))
+    _silu_mul_kernel[(x.shape[0], triton.cdiv(I, BLOCK))](x, out, I, x.stride(0), out.stride(0), BLOCK=BLOCK)
+    return out.view(*gate_up.shape[:-1], I)

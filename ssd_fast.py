@@ -46,7 +46,7 @@ class Ops:
         import kernels
         suffix = "" if use_triton else "_ref"
         for name in ("cache_attention", "tree_attention", "add_rmsnorm", "rmsnorm", "rope",
-                     "sample_exponential_race", "verify"):
+                     "sample_exponential_race", "verify", "silu_mul"):
             setattr(self, name, getattr(kernels, name + suffix))
         self.use_triton = use_triton
 
@@ -120,10 +120,13 @@ class FastModel:
             h, resid = ops.add_rmsnorm(x, resid, L["ln1"], cfg.rms_norm_eps)
             qkv = F.linear(h, L["wqkv"], L["bqkv"])
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-            q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
             if cfg.qk_norm:
                 q, k = ops.rmsnorm(q, L["q_norm"], cfg.rms_norm_eps), ops.rmsnorm(k, L["k_norm"], cfg.rms_norm_eps)
-            q, k = ops.rope(q, positions, self.cos, self.sin), ops.rope(k, positions, self.cos, self.sin)
+                q, k = ops.rope(q, positions, self.cos, self.sin), ops.rope(k, positions, self.cos, self.sin)
+            else:  # q and k are adjacent heads of qkv: rotate both with one launch
+                qk = ops.rope(qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D), positions, self.cos, self.sin)
+                q, k = qk[:, :, :H], qk[:, :, H:]
             if tree is None:
                 cache.k[i][rows, positions] = k
                 cache.v[i][rows, positions] = v
@@ -136,8 +139,7 @@ class FastModel:
                                           cache.v_tree[i], depth, self.scale)
             x = F.linear(attn.reshape(B, T, H * D), L["wo"], L["bo"])
             h, resid = ops.add_rmsnorm(x, resid, L["ln2"], cfg.rms_norm_eps)
-            gate, up = F.linear(h, L["w_gate_up"], L["b_gate_up"]).chunk(2, dim=-1)
-            x = F.linear(F.silu(gate) * up, L["w_down"], L["b_down"])
+            x = F.linear(ops.silu_mul(F.linear(h, L["w_gate_up"], L["b_gate_up"])), L["w_down"], L["b_down"])
         h, _ = ops.add_rmsnorm(x, resid, self.norm, cfg.rms_norm_eps)
         return F.linear(h, self.lm_head).float()
 

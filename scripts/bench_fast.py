@@ -134,12 +134,15 @@ def bench_llama8b(res, args):
     out = dict(weight_bytes_per_token=weights, floor_tok_s=floor, ours_ar_tok_s=r["tok_s"],
                fraction_of_floor=r["tok_s"] / floor)
     print(f"llama8b  ours AR {r['tok_s']:.1f} tok/s, floor {floor:.1f} tok/s ({r['tok_s'] / floor:.0%})", flush=True)
+    res["llama8b"] = out
+    save(res, args)
     del engine
     torch.cuda.empty_cache()
     hf = hf_model(LlamaConfig(**{k: v for k, v in c.items() if k != "model_type"}), model.state_dict())
     out["hf_default_tok_s"] = hf_rate(hf, prompt, 32, 1)
-    out["hf_static_tok_s"] = hf_rate(hf, prompt, 64, 1, cache_implementation="static")
     out["ours_vs_hf_default"] = r["tok_s"] / out["hf_default_tok_s"]
+    save(res, args)
+    out["hf_static_tok_s"] = hf_rate(hf, prompt, 64, 1, cache_implementation="static")
     out["ours_vs_hf_static"] = r["tok_s"] / out["hf_static_tok_s"]
     print(f"llama8b  transformers default {out['hf_default_tok_s']:.1f}, static {out['hf_static_tok_s']:.1f} tok/s",
           flush=True)
@@ -183,6 +186,10 @@ def bench_smollm2(res, args):
     res["smollm2"] = out
 
 
+def save(res, args):
+    Path(args.out).write_text(json.dumps(res, indent=2, default=float))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_fast.json")
@@ -206,7 +213,7 @@ def main():
             traceback.print_exc()
             res[section + "_error"] = repr(e)
         print(f"[{section}: {time.perf_counter() - t0:.0f} s]", flush=True)
-        Path(args.out).write_text(json.dumps(res, indent=2, default=float))
+        save(res, args)
     print(json.dumps(res, indent=2, default=float))
 
 

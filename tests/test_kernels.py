@@ -214,6 +214,19 @@ def test_rope_matches_hf_convention_inplace_and_strided():
     torch.testing.assert_close(qkv[..., 2 * H * D:], before[..., 2 * H * D:], rtol=0, atol=0)
 
 
+# ------------------------------------------------------------------ SwiGLU gate
+
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 37), (3, 5, 2 * 96), (2, 2 * 1536)])
+def test_silu_mul(shape):
+    g = _gen(shape[-1] + len(shape))
+    x = _randn(g, *shape) * 3
+    out = K.silu_mul(x)
+    assert out.shape == shape[:-1] + (shape[-1] // 2,)
+    torch.testing.assert_close(out, K.silu_mul_ref(x), **TOL32)
+    gate, up = x.chunk(2, -1)
+    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, **TOL32)
+
+
 # ------------------------------------------------------------------ sampling
 
 def _probs_with_edge_rows(g, R, V):

@@ -1,0 +1,1025 @@
+"""Write tutorial.ipynb from the cells below and execute it, storing the outputs.
+
+    python scripts/build_tutorial.py              # write + execute (a few minutes on a 2-core CPU)
+    python scripts/build_tutorial.py --no-execute # write the cells only (no outputs)
+
+The notebook is generated, not edited by hand: change a cell here, rerun, and commit both files.
+Every number the notebook states comes from a cell's output (prose with numbers is rendered by
+code, with IPython's Markdown), so a rerun on another machine states that machine's numbers.
+Cells tagged `claim-*` print the computed claims that tests/test_notebook.py checks.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "tutorial.ipynb"
+TIMEOUT_PER_CELL = 900
+
+
+def md(text):
+    return ("markdown", textwrap.dedent(text).strip("\n"), {})
+
+
+def code(text, tags=(), hidden=False):
+    meta = {}
+    if tags:
+        meta["tags"] = list(tags)
+    if hidden:  # an exercise answer: collapsed in Jupyter until the reader opens it
+        meta["jupyter"] = {"source_hidden": True, "outputs_hidden": True}
+    return ("code", textwrap.dedent(text).strip("\n"), meta)
+
+
+CELLS = [
+# ------------------------------------------------------------------------------------------------ title
+md(r"""
+# Speculative Speculative Decoding, step by step
+
+This notebook teaches **Speculative Speculative Decoding** (SSD; Kumar, Dao & May, arXiv 2603.03251) and its
+optimized form **Saguaro**, on a CPU, with real models: the target is SmolLM2-135M-Instruct and the draft is the
+small model distilled from it in `models/smollm2-draft`. Everything runs through `ssd.py`, the project's readable
+reference implementation; the notebook only adds measurements and pictures. Read `ssd.py` next to it.
+
+What you will be able to do at the end: write the exact verification rule and say why it is exact, explain what
+the speculation cache is keyed by and how it is filled, and reason about when SSD is faster than SD.
+
+1. Autoregressive (AR) decoding and why it is slow
+2. Speculative decoding (SD): draft, verify, accept/reject, and why the output distribution is exactly the target's
+3. SSD: speculate on the *outcome* of verification while it runs; the speculation cache; one round's tree
+4. Saguaro: geometric fan-out, Saguaro sampling, the backup choice by batch size
+5. A timeline of rounds and the expected-speed formula, checked against measurements
+6. Exercises (answers in collapsed cells, and checked in `tests/test_notebook.py`)
+
+**Notation** (the paper's): target distribution $p$, draft distribution $q$, lookahead $K$ (draft tokens per round),
+$n$ = number of draft tokens the target accepts in a round ($0 \le n \le K$), recovery token $r$ = the token the
+target samples after verification (sampled, but not yet run through the target).
+
+The notebook is generated and executed by `python scripts/build_tutorial.py`; all numbers below are outputs of
+that run, on the machine that ran it (a small shared CPU: timings are noisy).
+"""),
+# ------------------------------------------------------------------------------------------------ setup
+md(r"""
+## 0. Setup
+
+We load the pair with `ssd.load_pair()`, which converts the target once into `~/.cache/ssd` and loads the default
+draft. The CPU work uses one thread: small decoding steps are dominated by per-operation overhead, and on a shared
+machine a single thread avoids stalls when another process takes a core.
+"""),
+code(r"""
+import contextlib, math, os, sys, time
+from pathlib import Path
+
+ROOT = next(d for d in [Path.cwd(), *Path.cwd().parents] if (d / "ssd.py").is_file())
+sys.path.insert(0, str(ROOT))
+os.chdir(ROOT)
+
+import matplotlib.pyplot as plt
+import torch
+from IPython.display import Markdown, display
+
+import ssd
+
+torch.set_num_threads(1)
+plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+                     "axes.spines.right": False})
+NOTEBOOK_START = time.perf_counter()
+
+target, draft, tok, target_dir = ssd.load_pair()
+
+
+def n_params(model):  # tied embedding and LM head counted once
+    return sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
+
+
+for name, m in [("target", target), ("draft", draft)]:
+    c = m.cfg
+    print(f"{name}: {c.num_hidden_layers} layers, d={c.hidden_size}, {c.num_attention_heads} heads "
+          f"({c.num_key_value_heads} KV), vocabulary {c.vocab_size}, {n_params(m) / 1e6:.1f}M parameters")
+"""),
+code(r"""
+K = 4              # lookahead: draft tokens per round
+N_NEW = 40         # tokens per generation in the timed runs
+PROMPT = "Explain photosynthesis in two sentences."
+prompt_ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}])
+
+
+def show(t):
+    # one token as readable text: a leading space as '␣', a newline as '⏎'
+    s = tok.decode([int(t)])
+    return s.replace(" ", "␣").replace("\n", "⏎")
+
+
+@contextlib.contextmanager
+def patched(name, replacement):
+    # temporarily replace a function inside ssd.py (to record what it does, or to break it on purpose)
+    original = getattr(ssd, name)
+    setattr(ssd, name, replacement)
+    try:
+        yield original
+    finally:
+        setattr(ssd, name, original)
+
+
+print(f"prompt: {PROMPT!r} -> {len(prompt_ids)} tokens with the chat template")
+"""),
+# ------------------------------------------------------------------------------------------------ 1. AR
+md(r"""
+## 1. Autoregressive decoding, and why it is slow
+
+An autoregressive decoder produces one token per forward pass of the target: the pass reads the context (through
+the KV cache) and the newest token, and returns $p(\cdot \mid \text{context})$; we sample a token and feed it back.
+The passes are strictly sequential, because each needs the token sampled by the one before.
+
+In `ssd.py` this is `ar_round`: one call to `extend(target, cache, [[r]])` per token.
+"""),
+code(r"""
+ar = ssd.generate(target, prompt_ids, mode="ar", max_new_tokens=N_NEW)   # greedy (temperature 0)
+ar_stats = ar.summary()
+ar_time = ar_stats["time_s"]["verify"]
+print(tok.decode(ar.tokens[0]))
+print(f"\n{ar_stats['generated_tokens']} tokens: 1 from the prefill pass + {ar_stats['rounds']} decode passes, "
+      f"one target pass per token")
+print(f"on this machine: {1e3 * ar_time / ar_stats['rounds']:.1f} ms per decode pass, "
+      f"{ar_stats['rounds'] / ar_time:.1f} tokens/s")
+"""),
+md(r"""
+Why is this slow? A decode pass over one token still has to read every weight of the model (and, on a GPU, launch
+every kernel). Processing a few more tokens in the *same* pass re-uses the weights already read, so it costs little
+extra, until the arithmetic itself becomes the bottleneck. We measure the cost of one pass of each model as a
+function of how many new tokens it processes at once:
+"""),
+code(r"""
+def pass_time(model, n_tokens, reps=5):
+    # median time of one forward pass over n_tokens new tokens after the prompt (KV cache rolled back each time)
+    cache = model.new_cache(1, len(prompt_ids) + 64)
+    ssd.extend(model, cache, [prompt_ids])
+    times = []
+    for _ in range(reps):
+        cache.lens = [len(prompt_ids)]
+        t0 = time.perf_counter()
+        ssd.extend(model, cache, [[prompt_ids[-1]] * n_tokens])
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[reps // 2]
+
+
+sizes = [1, 2, 4, K + 1, 8, 16, 20, 32]
+t_target = {n: pass_time(target, n) for n in sizes}
+t_draft = {n: pass_time(draft, n) for n in sizes}
+
+fig, ax = plt.subplots(figsize=(7, 3.6))
+ax.plot(sizes, [1e3 * t_target[n] for n in sizes], "o-", label="target: one pass over n tokens")
+ax.plot(sizes, [1e3 * n * t_target[1] for n in sizes], "--", color="gray", label="target: n one-token passes (AR)")
+ax.plot(sizes, [1e3 * t_draft[n] for n in sizes], "s-", label="draft: one pass over n tokens")
+ax.set_xlabel("new tokens n in the pass"); ax.set_ylabel("ms (this machine)"); ax.set_ylim(0, None)
+ax.set_xlim(0, 33); ax.legend(); ax.set_title("Cost of one forward pass")
+plt.show()
+
+verify_ratio = t_target[K + 1] / t_target[1]
+draft_ratio = t_draft[1] / t_target[1]
+display(Markdown(
+    f"On this machine one target pass over K+1 = {K + 1} tokens costs **{verify_ratio:.2f}x** a one-token pass "
+    f"({1e3 * t_target[K + 1]:.0f} ms against {1e3 * t_target[1]:.0f} ms), while {K + 1} AR passes would cost "
+    f"{K + 1}x. A one-token draft pass costs **{draft_ratio:.2f}** of a one-token target pass. "
+    f"On a GPU the first curve is flatter still (a pass is bound by reading the weights, not by arithmetic), "
+    f"while on a CPU it rises sooner: we will see what that means for SSD in section 5."))
+"""),
+# ------------------------------------------------------------------------------------------------ 2. SD
+md(r"""
+## 2. Speculative decoding (SD)
+
+SD (Leviathan et al. 2023; Chen et al. 2023) turns that cheap width into speed. Each round:
+
+1. **Draft**: the draft proposes $s_1, \dots, s_K$, sampling $s_i \sim q_i = q(\cdot \mid \text{context}, r, s_1..s_{i-1})$
+   ($K$ small sequential passes).
+2. **Verify**: the target runs *one* pass over $[r, s_1, \dots, s_K]$ and gets $p_0, \dots, p_K$ ($p_i$ is its
+   distribution for the token after $s_i$; $p_0$ after $r$).
+3. **Accept/reject**, left to right: accept $s_i$ with probability $\min\!\left(1, \frac{p_{i-1}(s_i)}{q_i(s_i)}\right)$.
+   At the first rejection, after $n$ accepted tokens, sample the new recovery token from the **residual**
+   $\operatorname{norm}(\max(0, p_n - q_{n+1}))$. If all $K$ are accepted, sample the bonus token from $p_K$.
+
+The round emits $s_1..s_n$ and the new $r$: $n + 1$ tokens for one target pass. In `ssd.py` this is `sd_round`,
+and step 3 is `verify` (with `acceptance_prob` and `residual`). (`ssd.py` indexes the draft's rows from 0, so its
+`q[:, i]` is the $q_{i+1}$ above.)
+
+### 2.1 One round by hand
+
+We run one round at temperature 1 with the library's pieces and print every quantity the rule uses.
+To show the uniforms $u_i$ that `verify` draws, we copy the random generator's state just before calling it.
+"""),
+code(r"""
+T1 = torch.tensor([1.0])
+gen = torch.Generator().manual_seed(2)
+t_cache, d_cache = target.new_cache(1, 256), draft.new_cache(1, 256)
+logits = ssd.extend(target, t_cache, [prompt_ids])[:, -1]       # prefill the target...
+ssd.extend(draft, d_cache, [prompt_ids])                         # ...and the draft
+r = int(ssd.sample(ssd.to_probs(logits, T1), gen))               # the first recovery token
+
+opts = ssd.Sampling(temperature=[1.0], draft_temperature=[1.0])
+# 1. K draft passes: the proposal s_round [1, K] and the rows it was sampled from, q_round [1, K, V]
+s_round, q_round = ssd.draft_steps(draft, d_cache, [[r]], K, T1, opts, gen)
+# 2. ONE target pass over [r, s_1..s_K]: p_round [1, K+1, V]
+p_round = ssd.to_probs(ssd.extend(target, t_cache, [[r] + s_round[0].tolist()]), T1)
+# 3. accept / reject (u: the uniforms verify is about to draw, from a copy of the generator)
+u = torch.rand(1, K, generator=torch.Generator().set_state(gen.get_state()))
+n_round, r_new = ssd.verify(p_round, q_round, s_round, gen)
+n_round, r_new = int(n_round), int(r_new)
+
+print(f"context ends with r = {show(r)!r}\n")
+print(f"{'i':>2} {'s_i':>14} {'q(s_i)':>8} {'p(s_i)':>8} {'min(1,p/q)':>10} {'u_i':>6}  outcome")
+for i in range(K):
+    tok_i = int(s_round[0, i])
+    p_i, q_i = float(p_round[0, i, tok_i]), float(q_round[0, i, tok_i])
+    a_i = float(ssd.acceptance_prob(torch.tensor(p_i), torch.tensor(q_i)))
+    outcome = "accepted" if i < n_round else ("REJECTED" if i == n_round else "(never examined)")
+    print(f"{i + 1:>2} {show(tok_i)!r:>14} {q_i:8.3f} {p_i:8.3f} {a_i:10.3f} {float(u[0, i]):6.3f}  {outcome}")
+print(f"\nn = {n_round} accepted; new recovery token r = {show(r_new)!r}, sampled from "
+      + ("p_K (all accepted: the bonus token)" if n_round == K else f"the residual max(0, p_{n_round} - q_{n_round + 1})"))
+print(f"this round emits {n_round + 1} tokens for one target pass: {[show(t) for t in s_round[0, :n_round].tolist() + [r_new]]}")
+"""),
+md(r"""
+### 2.2 Greedy SD produces exactly the AR tokens
+
+At temperature 0 both distributions are one-hot on their argmax, so the rule becomes "accept while the draft's
+token equals the target's argmax; the recovery token is the target's argmax". The output must be the AR output,
+token for token. We check it on the prompt of section 1:
+"""),
+code(r"""
+sd = ssd.generate(target, prompt_ids, draft=draft, mode="sd", k=K, max_new_tokens=N_NEW)
+sd_stats = sd.summary()
+print("greedy SD == AR:", sd.tokens == ar.tokens)
+print(f"SD: {sd_stats['rounds']} target passes instead of {ar_stats['rounds']}, "
+      f"{sd_stats['tokens_per_round']:.2f} tokens per pass, {sd_stats['acceptance_rate']:.0%} of the proposed tokens accepted")
+print(f"on this machine: draft {sd_stats['time_s']['draft']:.2f} s + verify {sd_stats['time_s']['verify']:.2f} s, "
+      f"against {ar_time:.2f} s of AR decode passes")
+""", tags=["claim-greedy-equal"]),
+md(r"""
+### 2.3 At temperature 1, the output distribution is exactly the target's
+
+Why does the rule preserve $p$? Look at the first emitted token $x$ of a round (with $p = p_0$, $q = q_1$).
+It is $s_1$ if $s_1$ is accepted, otherwise a residual sample:
+
+$$P(x) = \underbrace{q(x)\min\!\left(1, \tfrac{p(x)}{q(x)}\right)}_{\text{proposed and accepted}}
++ \underbrace{\Big(1 - \sum_y \min(p(y), q(y))\Big)}_{P(\text{reject})}\cdot
+\frac{\max(0, p(x) - q(x))}{\sum_y \max(0, p(y) - q(y))}
+= \min(p(x), q(x)) + \max(0, p(x) - q(x)) = p(x),$$
+
+because $\sum_y \max(0, p(y)-q(y)) = 1 - \sum_y \min(p(y), q(y))$. Given that $x$ was accepted, the same argument
+applies to the next position, so the whole sequence follows $p$.
+
+We check this on the real models at a real position: the next token after the raw text below, at temperature 1
+with top-k 8 (applied to both models, as `generate(top_k=8)` does), so that the outcomes can be enumerated.
+First the formula, with `ssd.residual` and `ssd.acceptance_prob`, in float64:
+"""),
+code(r"""
+fruit_ids = tok.encode("My favourite fruit is")
+
+
+def next_token_probs(model, ids, top_k=8):
+    cache = model.new_cache(1, len(ids))
+    return ssd.to_probs(ssd.extend(model, cache, [ids])[0, -1].double(), T1.double(), top_k)
+
+
+p_full, q_full = next_token_probs(target, fruit_ids), next_token_probs(draft, fruit_ids)
+support = torch.nonzero((p_full > 0) | (q_full > 0))[:, 0]    # every token either model can produce here
+p_x, q_x = p_full[support], q_full[support]
+accept = ssd.acceptance_prob(p_x, q_x)
+exact = q_x * accept + (1 - (q_x * accept).sum()) * ssd.residual(p_x, q_x)
+print(f"{len(support)} tokens have p > 0 or q > 0 here: {[show(t) for t in support.tolist()]}")
+print(f"acceptance probability sum min(p, q) = {float((q_x * accept).sum()):.3f}")
+print("max |P(first token) - p| < 1e-9:", bool((exact - p_x).abs().max() < 1e-9))
+""", tags=["claim-exact-formula"]),
+md(r"""
+Now the sampled version. We run the round's verification step, `ssd.verify`, on many independent rows at once
+(a batch of identical rows: each row draws its own proposal and its own uniforms) and count the first emitted token.
+Only $p_0$, $q_1$ and $s_1$ decide that token, so one proposal token ($K = 1$) is enough, and the rows can share the
+real $p$ and $q$ computed above; the vocabulary is restricted to the tokens either model can produce (every other
+token has probability 0 under both, so nothing changes).
+
+Then we break the rule on purpose, by swapping a function inside `ssd.py` for the duration of a run:
+
+* **always accept** (`acceptance_prob` returns 1): the output is then simply the draft's distribution;
+* **resample from p** on a rejection instead of the residual (`residual` returns $p$), a tempting simplification.
+
+A chi-square test compares each histogram with the exact probabilities.
+"""),
+code(r"""
+N_SAMPLES = 200_000
+
+
+def first_token_counts(n_rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    P = p_x.float().expand(n_rows, 2, -1)                 # p_0 (and p_1, only used for a bonus token) per row
+    Q = q_x.float().expand(n_rows, 1, -1)                 # q_1 per row
+    s1 = ssd.sample(Q[:, 0], g)[:, None]                  # each row proposes its own s_1 ~ q
+    n, r_new = ssd.verify(P, Q, s1, g)
+    first = torch.where(n == 1, s1[:, 0], r_new)          # accepted: s_1; rejected: the recovery token
+    return torch.bincount(first, minlength=len(support)).double()
+
+
+def chi_square_pvalue(counts, probs):
+    # Pearson's test; a token with probability 0 that occurs is an outright mismatch
+    expected = probs * counts.sum()
+    if bool(((expected == 0) & (counts > 0)).any()):
+        return 0.0
+    keep = expected > 0
+    stat = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))
+
+
+runs = {"SD (exact rule)": first_token_counts(N_SAMPLES)}
+with patched("acceptance_prob", lambda p_s, q_s: torch.ones_like(p_s)):
+    runs["always accept"] = first_token_counts(N_SAMPLES)
+with patched("residual", lambda p, q: p):
+    runs["resample from p"] = first_token_counts(N_SAMPLES)
+
+ALPHA = 1e-4
+for name, counts in runs.items():
+    pval = chi_square_pvalue(counts, p_x)
+    tv = 0.5 * float((counts / counts.sum() - p_x).abs().sum())
+    print(f"{name:>16} matches the target: {pval > ALPHA}  (chi-square p-value {pval:.3g}, total variation {tv:.4f})")
+
+order = torch.argsort(p_x + 1e-3 * q_x, descending=True)
+xs = torch.arange(len(support)).float()
+fig, ax = plt.subplots(figsize=(10, 3.8))
+width = 0.2
+ax.bar(xs - 1.5 * width, p_x[order], width, color="black", label="exact target p")
+for i, (name, counts) in enumerate(runs.items()):
+    ax.bar(xs + (i - 0.5) * width, (counts / counts.sum())[order], width, label=f"{name} ({N_SAMPLES:,} samples)")
+ax.plot(xs, q_x[order], "x", color="gray", label="draft q")
+ax.set_xticks(xs, [show(t) for t in support[order].tolist()], rotation=45, ha="right")
+ax.set_ylabel("probability of the first emitted token"); ax.legend(fontsize=8)
+ax.set_title(f"Next token after {tok.decode(fruit_ids)!r} (T=1, top-k 8)")
+plt.show()
+""", tags=["claim-sd-distribution"]),
+md(r"""
+The exact rule's histogram sits on the black bars; "always accept" reproduces the draft's $q$ (gray crosses),
+and "resample from p" lands in between: it over-produces the tokens the draft likes, because they are emitted both
+by acceptance *and* by resampling. The real code path is also checked end to end, on the joint distribution of
+several generated tokens and for every SSD proposal source, in `tests/test_exactness.py`.
+"""),
+# ------------------------------------------------------------------------------------------------ 3. SSD
+md(r"""
+## 3. Speculative speculative decoding (SSD)
+
+In SD the two models take turns: while the target verifies, the draft has nothing to do, and while the draft
+drafts, the target waits. SSD puts the draft on its own device and keeps it busy **during** verification: it
+guesses what the verification will decide and prepares the next round's proposal for each likely decision.
+
+**The verification outcome.** Everything the next round's draft needs to know is the pair $(n, r)$: how many
+tokens were accepted ($n \in \{0..K\}$) and which recovery token the target sampled. The next proposal continues
+the sequence $\text{context}, r_{\text{old}}, s_1..s_n, r$. How are the outcomes distributed? If each draft
+token is accepted with probability $a$, independently, then $P(n = j) = a^j (1-a)$ for $j < K$ and
+$P(n = K) = a^K$. Here is that model against the outcomes of the greedy SD run of section 2.2:
+"""),
+code(r"""
+def outcome_probs(a, k):
+    return [a ** j * (1 - a) for j in range(k)] + [a ** k]
+
+
+def estimate_a(rounds, k):
+    # per-token acceptance from geometric outcomes: accepted tokens / (accepted + rejections)
+    ns = [n for rd in rounds for n, on in zip(rd.accepted, rd.active) if on]
+    return sum(ns) / (sum(ns) + sum(n < k for n in ns)), ns
+
+
+a_sd, ns = estimate_a(sd.rounds, K)
+empirical = [ns.count(j) / len(ns) for j in range(K + 1)]
+fig, ax = plt.subplots(figsize=(6, 3))
+js = torch.arange(K + 1).float()
+ax.bar(js - 0.2, empirical, 0.4, label=f"greedy SD run ({len(ns)} rounds)")
+ax.bar(js + 0.2, outcome_probs(a_sd, K), 0.4, label=f"model, a = {a_sd:.2f}")
+ax.set_xlabel("n = accepted draft tokens"); ax.set_ylabel("fraction of rounds"); ax.legend()
+plt.show()
+print(f"estimated per-token acceptance a = {a_sd:.3f}")
+"""),
+md(r"""
+**The speculation cache.** During round $t$'s verification, the draft builds a dictionary
+$(n, r) \mapsto (K \text{ tokens}, \text{their } K \text{ distributions } q)$ for round $t+1$. When round $t$ ends,
+the target sends its outcome $(n, r)$; on a **hit** the next proposal is ready at once (no drafting on the critical
+path); on a **miss** a backup produces one (section 4.3). The draft's work per round (`build_speculation_cache`):
+
+1. **Glue pass**: one draft pass over $[r, s_1..s_K]$. It writes the draft's KV cache for those positions (so
+   whatever prefix gets accepted, the draft's cache is already right) and gives $K+1$ next-token distributions:
+   row $j$ is the draft's guess at what follows $s_j$ (row 0: what follows $r$).
+2. **Fork**: for each outcome $n = j$, take the top-$F_j$ tokens of glue row $j$ as candidate recovery tokens.
+   For $j < K$, $s_{j+1}$ is excluded: if the target had picked it, it would have been accepted
+   (exercise 2 shows the residual gives it probability 0). Candidates are chosen deterministically: they are
+   *conditioning*, not proposals, so exactness is untouched.
+3. **Tree decode**: every branch $(j, c)$ decodes $K$ tokens, all branches batched: $K$ draft passes over
+   $\sum_j F_j$ tokens each. Branch $(j, c)$ sits at RoPE positions $P + j + 1 + d$ ($P$ = position of $r$) but writes
+   its KV into its own scratch slots, and attends to the trunk, the glue tokens $r..s_j$, and its own chain.
+4. **Populate**: `cache[(j, c)] = (chain tokens, chain q rows)`.
+
+Then the next round verifies a cached proposal with the same exact rule, using the $q$ rows it was sampled from.
+So SSD is exact too. We run greedy SSD on our prompt, recording every round's tree by wrapping
+`ssd.build_speculation_cache`:
+"""),
+code(r"""
+trees = []
+
+
+def recording_build(state, draft_, proposal, fan, opts, ctx, stats):
+    original_build(state, draft_, proposal, fan, opts, ctx, stats)
+    trees.append(dict(context=list(state.tokens[0]), proposal=proposal[0].tolist(), fan=list(fan),
+                      entries={key: chain[0].tolist() for key, chain in ctx.cache.entries[0].items()}))
+
+
+with patched("build_speculation_cache", recording_build) as original_build:
+    ssd_run = ssd.generate(target, prompt_ids, draft=draft, mode="ssd", k=K, max_new_tokens=N_NEW)
+ssd_stats = ssd_run.summary()
+print("greedy SSD == AR:", ssd_run.tokens == ar.tokens)
+print(f"SSD: {ssd_stats['rounds']} rounds, {ssd_stats['tokens_per_round']:.2f} tokens per round, "
+      f"cache hit rate {ssd_stats['cache_hit_rate']:.2f}, backups on a miss: {ssd_stats['backups']}")
+print(f"fan-out per outcome (F_0..F_K) in the first round: {trees[0]['fan']}, {sum(trees[0]['fan'])} branches")
+""", tags=["claim-greedy-ssd-equal"]),
+md(r"""
+Let us look inside one round. We pick a round whose speculation the next round actually used (a hit), preferring
+one with several accepted tokens, and list what its cache holds:
+"""),
+code(r"""
+hits_next = [i for i in range(len(trees) - 1) if ssd_run.rounds[i + 1].hit[0]] or list(range(len(trees) - 1))
+pick = max(hits_next, key=lambda i: (0 < ssd_run.rounds[i].accepted[0] < K, ssd_run.rounds[i].accepted[0], -i))
+tree = trees[pick]
+n_out = ssd_run.rounds[pick].accepted[0]
+r_out = trees[pick + 1]["context"][-1] if pick + 1 < len(trees) else None
+key = (n_out, r_out)
+r_tok, glue = tree["context"][-1], [tree["context"][-1]] + tree["proposal"]
+
+print(f"round {pick}: text so far ends with ...{tok.decode(tree['context'][-8:-1])!r}, r = {show(r_tok)!r}")
+print(f"proposal verified this round: {[show(t) for t in tree['proposal']]}")
+print(f"outcome: n = {n_out}, new r = {show(r_out)!r}  ->  next round's key {key[0], show(key[1])}: "
+      f"{'HIT' if key in tree['entries'] else 'miss'}\n")
+for j in range(K + 1):
+    cands = [(c, chain) for (jj, c), chain in tree["entries"].items() if jj == j]
+    excluded = f" (s_{j + 1} = {show(tree['proposal'][j])!r} excluded)" if j < K else ""
+    print(f"outcome n={j}: {len(cands)} candidate(s){excluded}")
+    for c, chain in cands:
+        mark = "   <== used by the next round" if (j, c) == key else ""
+        print(f"    r = {show(c)!r:>14} -> {[show(t) for t in chain]}{mark}")
+"""),
+code(r"""
+def draw_tree(tree, key, title):
+    glue = [tree["context"][-1]] + tree["proposal"]
+    branches = sorted(tree["entries"].items(), key=lambda kv: kv[0][0])     # grouped by outcome j
+    rows = len(branches)
+    fig, ax = plt.subplots(figsize=(13, 0.4 * (rows + 2) + 1))
+
+    def token(x, y, t, color, used=False):
+        ax.text(x, y, show(t), ha="center", va="center", fontsize=8, zorder=3,
+                bbox=dict(boxstyle="round,pad=0.25", fc=color, ec="red" if used else "gray", lw=2 if used else 0.8))
+
+    ax.plot([0, K], [0, 0], color="steelblue", lw=1, zorder=1)
+    for j, t in enumerate(glue):                            # the glue row: r, s_1..s_K
+        token(j, 0, t, "#c6dbef")
+    for j in range(K + 1):                                  # the fork of outcome n = j hangs below glue token j
+        ys = [-(i + 1) for i, ((jj, _), _) in enumerate(branches) if jj == j]
+        if not ys:
+            continue
+        x = j + 0.5
+        ax.plot([j, x, x], [-0.25, -0.25, min(ys)], color="darkorange", lw=1, zorder=1)
+        ax.text(-0.9, (max(ys) + min(ys)) / 2, f"n = {j}", ha="right", va="center", fontsize=9, color="darkorange")
+    for i, ((j, c), chain) in enumerate(branches):          # one row per branch (j, c): candidate, then K tokens
+        y, used = -(i + 1), (j, c) == key
+        ax.plot([j + 0.5, j + 1 + K], [y, y], color="darkorange" if used else "lightgray", lw=1, zorder=1)
+        token(j + 1, y, c, "#fdd0a2", used)
+        for d, t in enumerate(chain):
+            token(j + 2 + d, y, t, "#c7e9c0", used)
+    ax.set_xlim(-1.6, 2 * K + 1.7); ax.set_ylim(-rows - 0.8, 0.8)
+    ax.set_xticks(range(2 * K + 2), ["r"] + [f"+{i}" for i in range(1, 2 * K + 2)])
+    ax.set_xlabel("position after r (glue: +0..+K; the candidate of outcome n = j replaces s_(j+1) at +j+1)")
+    ax.set_yticks([]); ax.grid(False)
+    for side in ("left", "bottom"):
+        ax.spines[side].set_visible(False)
+    ax.set_title(title, fontsize=10)
+    plt.show()
+
+
+draw_tree(tree, key, f"Round {pick}: glue (blue), fork candidates (orange) per outcome n=j with F = {tree['fan']}, "
+          f"chains of K={K} (green); red: the branch the next round used")
+"""),
+md(r"""
+Each row is one entry of the speculation cache: the outcome it bets on ($n = j$ is where the orange candidate
+forks off the blue glue row), the candidate recovery token $c$, and the $K$ tokens the draft decoded after it. In the
+real system all of this is computed on the draft's device while the target verifies the blue row.
+"""),
+# ------------------------------------------------------------------------------------------------ 4. Saguaro
+md(r"""
+## 4. Saguaro: three optimizations
+
+### 4.1 Geometric fan-out
+
+The draft has a budget of $B = \sum_j F_j$ branches per round (its tree passes process $B$ tokens each). How should
+it be split across the outcomes $n = j$? Outcome $j$ occurs with probability $P_j$ (the model above). Suppose the
+chance that $F$ candidates miss the recovery token falls like a power law, $P(\text{miss} \mid F) = F^{-r}$. Minimizing
+the expected miss rate $\sum_j P_j F_j^{-r}$ subject to $\sum_j F_j = B$ (a Lagrange multiplier) gives
+$F_j \propto P_j^{1/(1+r)}$, that is
+
+$$F_j \propto a^{j/(1+r)} \ (j < K), \qquad F_K \propto a^{K/(1+r)} (1-a)^{-1/(1+r)},$$
+
+rounded to integers with the budget kept: `ssd.geometric_fan_out(K, B, a, r)`. With `fan_out="auto"`,
+`generate` recomputes it every round from its running estimate of $a$.
+"""),
+code(r"""
+BUDGET = 4 * (K + 1)            # generate's default budget
+rates = [0.2, 0.4, 0.6, 0.8, 0.95]
+fig, ax = plt.subplots(figsize=(7, 3.4))
+w = 0.8 / len(rates)
+for i, a in enumerate(rates):
+    fan = ssd.geometric_fan_out(K, BUDGET, a, 1.0)
+    ax.bar(js + (i - len(rates) / 2 + 0.5) * w, fan, w, label=f"a = {a}")
+    print(f"a = {a:4}: F = {fan}  (P(n=j) = {[round(x, 2) for x in outcome_probs(a, K)]})")
+ax.set_xlabel("outcome n = j"); ax.set_ylabel("candidates F_j"); ax.legend(fontsize=8)
+ax.set_title(f"Geometric fan-out, K={K}, budget B={BUDGET}, r=1")
+plt.show()
+ok = all(sum(ssd.geometric_fan_out(K, BUDGET, a, 1.0)) == BUDGET for a in rates)
+print("every allocation spends exactly the budget:", ok)
+print(f"with this draft's a = {a_sd:.2f} (section 3): F = {ssd.geometric_fan_out(K, BUDGET, a_sd, 1.0)}")
+""", tags=["claim-fan-out"]),
+md(r"""
+At low acceptance almost all rounds end at $n = 0$, so most candidates go there; at high acceptance the all-accepted
+outcome $n = K$ dominates.
+
+### 4.2 Saguaro sampling
+
+A cache miss at a rejection happens when the recovery token, drawn from the residual $\max(0, p - q)$, is not
+among the cached candidates, which are the draft's own top tokens. But the residual is largest exactly where the
+draft put *less* mass than the target, i.e. mostly away from its top tokens. Saguaro sampling fixes that: when the
+draft samples its tree tokens, it multiplies the probabilities of its top-$(F+1)$ tokens by a constant $C \le 1$ and
+renormalizes (`ssd.saguaro_rescale`). The residual $\max(0, p - q')$ then has more mass on those top tokens, which
+the cache holds: a higher hit rate for some acceptance. It stays exact only because the verifier uses the same $q'$
+the tokens were sampled from (`ssd.py` stores $q'$ in the cache).
+
+For one position with target $p$, draft $q$, rescaled $q'$ and candidates = top-$F$ of $q$ excluding the
+proposed token $s$, everything can be computed exactly:
+acceptance $= \sum_x \min(p(x), q'(x))$, and the probability that a rejection's recovery token is a cached candidate
+(derived in the helper below). We average over the positions of the text generated in section 1, at temperature 1,
+with $F = F_0$ of a geometric split of 12 branches:
+"""),
+code(r"""
+def saguaro_position_stats(p, q, F, C):
+    # exact acceptance and P(hit and reject) at each position (rows of p, q), for Saguaro's q' = rescale(q, F, C)
+    q2 = ssd.saguaro_rescale(q, F, C)
+    accept = torch.minimum(p, q2).sum(-1)
+    res = ssd.residual(p, q2)                               # where a rejection's recovery token comes from
+    w = (q2 - p).clamp_min(0)                               # P(propose s and reject it), per s
+    top = q.topk(F + 1, dim=-1).indices                     # the fork ranks candidates by the draft's own q
+    res_top_f = res.gather(-1, top[:, :F]).sum(-1)          # s outside the top-F: candidates are the top-F
+    res_next = res.gather(-1, top[:, F:F + 1])[:, 0]        # s inside: it is skipped, candidate F+1 comes in
+    w_top_f = w.gather(-1, top[:, :F]).sum(-1)              # (a rejected s has res(s) = 0, see exercise 2)
+    hit_and_reject = res_top_f * w.sum(-1) + res_next * w_top_f
+    return accept, hit_and_reject, 1 - accept
+
+
+text = prompt_ids + ar.tokens[0]
+positions = range(len(prompt_ids) - 1, len(text) - 1)      # the generated positions
+with torch.no_grad():
+    p_text = ssd.to_probs(ssd.extend(target, target.new_cache(1, len(text)), [text])[0, positions].double(), T1.double())
+    q_text = ssd.to_probs(ssd.extend(draft, draft.new_cache(1, len(text)), [text])[0, positions].double(), T1.double())
+
+FAN_SWEEP = ssd.geometric_fan_out(K, 12, a_sd, 1.0)   # a budget of 12, also used in the measured runs below
+F0 = FAN_SWEEP[0]
+C_grid = [1.0, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05]
+exact_acc, exact_hit = [], []
+for C in C_grid:
+    acc, hit_rej, rej = saguaro_position_stats(p_text, q_text, F0, C)
+    exact_acc.append(float(acc.mean()))
+    exact_hit.append(float(hit_rej.sum() / rej.sum()))
+    print(f"C = {C:4}: acceptance {exact_acc[-1]:.3f}, P(recovery token is cached | rejection) {exact_hit[-1]:.3f}")
+falls = all(x >= y for x, y in zip(exact_acc, exact_acc[1:]))
+rises = all(x <= y for x, y in zip(exact_hit, exact_hit[1:]))
+print(f"(F = {F0}, {len(positions)} positions) acceptance falls as C decreases: {falls}; "
+      f"hit rate at a rejection rises as C decreases: {rises}")
+""", tags=["claim-saguaro-exact"]),
+md(r"""
+Now measured: SSD at temperature 1 on a batch of 8 samples of our prompt, for three values of $C$, with the fan-out
+fixed (so that only $C$ changes) and the synchronous backup on a miss (so that every verified proposal was sampled
+from the draft's $q'$). To compare with the exact numbers, we measure the same two quantities: the per-token
+acceptance $a$, and the hit rate of the rounds that follow a rejection ($n < K$). The runs sample text at
+temperature 1, which wanders further from the draft's habits than the greedy text above, so expect lower levels;
+the direction is what to compare.
+"""),
+code(r"""
+def hit_after_rejection(result, k):
+    # hit rate of the rounds whose key comes from a rejection (previous round: n < K)
+    hits = [rd.hit[b] for prev, rd in zip(result.rounds, result.rounds[1:])
+            for b, on in enumerate(rd.active) if on and prev.accepted[b] < k]
+    return sum(hits) / len(hits), len(hits)
+
+
+def commit_in_bounds(state, *args):
+    # Workaround for an ssd.py bug: when a batch row finishes in the middle of a round's accepted tokens (at
+    # max_new_tokens), its cache lengths are not cut back with its tokens, and the frozen row's next verify can
+    # write past the end of the KV cache. Finished rows are frozen, so shortening their lengths changes no output.
+    original_commit(state, *args)
+    for b, done in enumerate(state.done):
+        if done:
+            state.target_cache.lens[b] = min(state.target_cache.lens[b], len(state.tokens[b]) - 1)
+            state.draft_cache.lens[b] = min(state.draft_cache.lens[b], state.target_cache.lens[b])
+
+
+fan_fixed = FAN_SWEEP
+measured = {}
+for C in [1.0, 0.5, 0.1]:
+    with patched("commit", commit_in_bounds) as original_commit:
+        run = ssd.generate(target, [prompt_ids] * 8, draft=draft, mode="ssd", k=K, temperature=1.0, saguaro_c=C,
+                           fan_out=fan_fixed, backup="jit", max_new_tokens=32, seed=1)
+    a_run, _ = estimate_a(run.rounds, K)
+    hit_rej, n_keys = hit_after_rejection(run, K)
+    measured[C] = dict(run=run, a=a_run, hit=hit_rej, keys=n_keys)
+    print(f"C = {C}: per-token acceptance {a_run:.3f}, hit rate after a rejection {hit_rej:.3f} "
+          f"({n_keys} keys; all rounds: {run.summary()['cache_hit_rate']:.3f}), fan-out {fan_fixed}")
+
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharey=True)
+axes[0].plot(C_grid, exact_acc, "o-", label="acceptance")
+axes[0].plot(C_grid, exact_hit, "s-", label="P(hit | rejection)")
+axes[0].set_title(f"exact, along the greedy text (F_0 = {F0})", fontsize=10)
+Cs = list(measured)
+axes[1].plot(Cs, [measured[C]["a"] for C in Cs], "o-", label="acceptance a")
+axes[1].plot(Cs, [measured[C]["hit"] for C in Cs], "s-", label="hit rate after a rejection")
+axes[1].set_title(f"measured in SSD runs (T=1, 8 rows, fan-out {fan_fixed})", fontsize=10)
+for ax in axes:
+    ax.set_xlabel("Saguaro constant C"); ax.set_ylim(0, 1); ax.invert_xaxis(); ax.legend(fontsize=8)
+plt.show()
+lo, hi = min(Cs), max(Cs)
+display(Markdown(
+    f"Measured, from C = {hi} to C = {lo}: acceptance {measured[hi]['a']:.2f} -> {measured[lo]['a']:.2f}, "
+    f"hit rate after a rejection {measured[hi]['hit']:.2f} -> {measured[lo]['hit']:.2f} "
+    f"(about {measured[lo]['keys']} keys per run: a standard error near "
+    f"{math.sqrt(0.25 / measured[lo]['keys']):.2f})."))
+"""),
+md(r"""
+### 4.3 The backup, chosen by batch size
+
+On a miss, two backups can produce the proposal: **jit** runs the draft synchronously ($K$ draft passes before the
+target can verify), and **fast** proposes tokens without sampling the draft (an n-gram lookup in the text so far;
+a deterministic proposal, verified with $q$ = one-hot, see exercise 1), rarely accepted but free. At batch size $b$ the
+whole batch waits for the jit if *any* row misses, which happens with probability $1 - h^b$ ($h$ = hit rate).
+`ssd.choose_backup` compares the expected tokens per second of the two:
+
+$$\text{jit: } \frac{E_a}{T_v + (1 - h^b)\,T_{\text{jit}}}, \qquad
+\text{fast: } \frac{h\,E_a + (1-h)\,E_{\text{fast}}}{T_v}, \qquad E_a = \frac{1 - a^{K+1}}{1 - a}$$
+
+($E_a$: expected tokens per round from draft proposals, $E_{\text{fast}}$: from the cheap ones). We plug in the
+statistics measured in the $C = 1$ run above (batch 8; $E_{\text{fast}}$ from the fast-backup rounds of the greedy run
+of section 3), and, for contrast, assumed statistics of a stronger draft, with times in units of $T_v$:
+"""),
+code(r"""
+run = measured[1.0]["run"]
+st = run.summary()
+jit_times = [rd.times["backup"] for rd in run.rounds if rd.backup == "jit"]
+fast_misses = [rd.accepted[0] + 1 for rd in ssd_run.rounds if not rd.hit[0] and rd.backup == "fast"]
+scenarios = {
+    "measured here": ssd.Estimates(
+        k=K, accept_rate=estimate_a(run.rounds, K)[0], hit_rate=st["cache_hit_rate"],
+        t_verify=st["time_s"]["verify"] / st["rounds"], t_jit=sum(jit_times) / len(jit_times),
+        tokens_cheap=sum(fast_misses) / len(fast_misses) if fast_misses else 1.2),
+    "a stronger draft (assumed)": ssd.Estimates(k=K, accept_rate=0.8, hit_rate=0.85, t_verify=1.0, t_jit=0.5,
+                                               tokens_cheap=1.2),
+}
+
+
+def backup_rates(batch, e):
+    # the two expected throughputs that ssd.choose_backup compares
+    e_a = (1 - e.accept_rate ** (e.k + 1)) / (1 - e.accept_rate)
+    jit = e_a / (e.t_verify + (1 - e.hit_rate ** batch) * e.t_jit)
+    fast = (e.hit_rate * e_a + (1 - e.hit_rate) * e.tokens_cheap) / e.t_verify
+    return jit, fast
+
+
+batches = list(range(1, 65))
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+agree = True
+for ax, (name, e) in zip(axes, scenarios.items()):
+    curves = [backup_rates(b, e) for b in batches]
+    choices = [ssd.choose_backup(b, e) for b in batches]
+    agree &= all(c == ("jit" if j >= f else "fast") for c, (j, f) in zip(choices, curves))
+    switch = next((b for b, c in zip(batches, choices) if c != choices[0]), None)
+    verdict = (f"{choices[0]} below batch {switch}, {choices[switch - 1]} from batch {switch} on" if switch
+               else f"{choices[0]} at every batch size")
+    print(f"{name}: a = {e.accept_rate:.2f}, h = {e.hit_rate:.2f}, T_jit / T_verify = {e.t_jit / e.t_verify:.2f}, "
+          f"E_fast = {e.tokens_cheap:.2f} -> choice: {verdict}")
+    ax.plot(batches, [j for j, _ in curves], label="jit backup")
+    ax.plot(batches, [f for _, f in curves], label="fast backup")
+    if switch:
+        ax.axvline(switch, color="gray", ls=":", label=f"switch at batch {switch}")
+    ax.set_xscale("log", base=2); ax.set_xlabel("batch size b"); ax.set_title(name, fontsize=10)
+    ax.set_ylabel("expected tokens per second per row" if e.t_verify != 1.0 else "tokens per verify time, per row")
+    ax.legend(fontsize=8)
+plt.show()
+print("ssd.choose_backup agrees with the two curves at every batch size:", agree)
+""", tags=["claim-backup"]),
+md(r"""
+The rule holds $T_v$ fixed across batch sizes, which is close to true on a GPU at small batch but not on this CPU
+(the measured $T_v$ is the batch-8 one). The fewer misses and the cheaper the jit relative to the verify, the longer
+jit stays worth it; as the batch grows, some row almost always misses, and the whole batch would wait for it.
+`generate(backup="auto")` makes this choice every round from its running estimates; the greedy run of section 3
+recorded its choices in `ssd_stats["backups"]`.
+"""),
+# ------------------------------------------------------------------------------------------------ 5. timeline
+md(r"""
+## 5. A timeline of rounds, and the expected speed
+
+`ssd.py` runs the draft and the target one after the other on one device, and times each part of every round.
+The real system (two devices) overlaps the draft's glue and tree with the target's verify, so on a hit a round costs
+$\max(T_{\text{verify}}, T_{\text{glue}} + T_{\text{tree}})$ plus the lookup, and a miss adds the backup before the
+verify can start. Below: the first rounds of the three greedy runs of sections 1-3, as measured (sequential), and the
+SSD rounds rescheduled as two devices would run them (the same measured durations, overlapped).
+"""),
+code(r"""
+COLORS = {"verify": "#3182bd", "draft": "#e6550d", "glue": "#fd8d3c", "tree": "#31a354", "backup": "#756bb1",
+          "lookup": "black"}
+
+
+def lanes_sequential(rounds, parts):
+    t, bars = 0.0, []
+    for i, rd in enumerate(rounds):
+        for part in parts:
+            d = rd.times.get(part, 0.0)
+            if d > 0:
+                bars.append((part, t, d, i))
+                t += d
+    return bars, t
+
+
+def lanes_overlapped(rounds):
+    t, target_bars, draft_bars = 0.0, [], []
+    for i, rd in enumerate(rounds):
+        tm = rd.times
+        t += tm.get("lookup", 0.0)
+        if tm.get("backup", 0.0):
+            target_bars.append(("backup", t, tm["backup"], i)); t += tm["backup"]
+        target_bars.append(("verify", t, tm["verify"], i))
+        draft_bars.append(("glue", t, tm["glue"], i))
+        draft_bars.append(("tree", t + tm["glue"], tm["tree"], i))
+        t += max(tm["verify"], tm["glue"] + tm["tree"])
+    return target_bars, draft_bars, t
+
+
+SHOW = 6
+ar_bars, _ = lanes_sequential(ar.rounds[:SHOW * 2], ["verify"])
+sd_bars, _ = lanes_sequential(sd.rounds[:SHOW], ["draft", "verify"])
+ssd_bars, _ = lanes_sequential(ssd_run.rounds[:SHOW], ["lookup", "backup", "verify", "glue", "tree"])
+tgt_bars, drf_bars, _ = lanes_overlapped(ssd_run.rounds[:SHOW])
+lanes = [(f"AR ({SHOW * 2} rounds)", ar_bars), (f"SD ({SHOW} rounds)", sd_bars),
+         ("SSD, one device (as run)", ssd_bars), ("SSD overlapped: target", tgt_bars),
+         ("SSD overlapped: draft", drf_bars)]
+
+fig, ax = plt.subplots(figsize=(13, 3.6))
+seen = set()
+for y, (name, bars) in enumerate(lanes):
+    for part, start, dur, i in bars:
+        ax.barh(-y, dur, left=start, color=COLORS[part], edgecolor="white", lw=0.5,
+                label=part if part not in seen else None)
+        seen.add(part)
+        if part in ("verify",) and name != "SSD overlapped: target":
+            emitted = 1 if name.startswith("AR") else (sd.rounds[i].accepted[0] + 1 if name.startswith("SD")
+                                                       else ssd_run.rounds[i].accepted[0] + 1)
+            ax.text(start + dur / 2, -y, f"+{emitted}", ha="center", va="center", fontsize=7, color="white")
+ax.set_yticks([-y for y in range(len(lanes))], [name for name, _ in lanes])
+ax.set_xlabel("seconds on this machine (labels: tokens emitted by each verify)")
+ax.legend(ncol=6, fontsize=8, loc="upper right"); ax.grid(axis="y", visible=False)
+plt.show()
+"""),
+md(r"""
+Read the two bottom lanes together: each round the target lane verifies while the draft lane runs the glue pass and
+the tree for the next round; the next round starts when both are done. When the draft's lane is longer than the
+target's, the target waits: choose $K$ and the fan-out budget so that glue + tree fit inside the verify.
+
+**The expected speed.** With per-token acceptance $a$, a round emits $E_a = \frac{1 - a^{K+1}}{1 - a}$ tokens on
+average (exercise 4), and the expected time of a round is
+
+* AR: $T_v$ (one target pass over one token), and one token per round;
+* SD: $T_d + T_v$ (the $K$ draft passes, then the target pass over $K+1$ tokens);
+* SSD on two devices: $T_{\text{lookup}} + (1-h)\,T_{\text{backup}} + \max(T_v,\; T_{\text{glue}} + T_{\text{tree}})$,
+  with $h$ the cache hit rate and $T_{\text{backup}}$ the cost of a backup on a miss.
+
+The predicted speed is $E_a$ divided by the round time. We plug in each run's acceptance, hit rate and *mean*
+part durations, and compare with the tokens per round and tokens per second the runs actually achieved (for SSD,
+its rounds rescheduled as two devices would run them, as in the bottom lanes above).
+"""),
+code(r"""
+def e_tokens(a, k):
+    return (1 - a ** (k + 1)) / (1 - a)
+
+
+def mean_part(result, part, rounds=None):
+    rounds = result.rounds if rounds is None else rounds
+    return sum(rd.times.get(part, 0.0) for rd in rounds) / max(1, len(rounds))
+
+
+a_ssd, _ = estimate_a(ssd_run.rounds, K)
+h = ssd_stats["cache_hit_rate"]
+misses = [rd for rd in ssd_run.rounds if not rd.hit[0]]
+parts = {p: mean_part(ssd_run, p) for p in ("lookup", "verify", "glue", "tree")}
+backup_per_miss = mean_part(ssd_run, "backup", misses) if misses else 0.0
+T_round = {
+    "AR": mean_part(ar, "verify"),
+    "SD": mean_part(sd, "draft") + mean_part(sd, "verify"),
+    "SSD (overlapped)": parts["lookup"] + (1 - h) * backup_per_miss + max(parts["verify"], parts["glue"] + parts["tree"]),
+}
+E_pred = {"AR": 1.0, "SD": e_tokens(a_sd, K), "SSD (overlapped)": e_tokens(a_ssd, K)}
+runs_by_mode = {"AR": (ar, False), "SD": (sd, False), "SSD (overlapped)": (ssd_run, True)}
+
+print(f"{'':>17} {'tokens/round':>20} {'ms/round':>20} {'tokens/s (this machine)':>27}")
+print(f"{'':>17} {'predicted':>10}{'measured':>10} {'predicted':>10}{'measured':>10} {'predicted':>10}{'measured':>10}{'error':>7}")
+table, token_errors, rate_errors = {}, {}, {}
+for mode, (result, overlapped) in runs_by_mode.items():
+    st_ = result.summary()
+    seconds = st_["overlapped_time_s"] if overlapped else sum(st_["time_s"].values())
+    emitted = st_["generated_tokens"] - 1                  # the first token comes from the prefill
+    e_meas, t_meas, rate_meas = emitted / st_["rounds"], seconds / st_["rounds"], emitted / seconds
+    rate_pred = E_pred[mode] / T_round[mode]
+    token_errors[mode] = (E_pred[mode] - e_meas) / e_meas
+    rate_errors[mode] = (rate_pred - rate_meas) / rate_meas
+    table[mode] = dict(rate_pred=rate_pred, rate_meas=rate_meas)
+    print(f"{mode:>17} {E_pred[mode]:10.2f}{e_meas:10.2f} {1e3 * T_round[mode]:10.0f}{1e3 * t_meas:10.0f} "
+          f"{rate_pred:10.1f}{rate_meas:10.1f}{rate_errors[mode]:+7.0%}")
+print(f"\ninputs: a(SD) = {a_sd:.2f}, a(SSD) = {a_ssd:.2f}, h = {h:.2f}; SSD mean parts (ms): "
+      + ", ".join(f"{k} {1e3 * v:.0f}" for k, v in parts.items()) + f", backup per miss {1e3 * backup_per_miss:.1f}")
+print("tokens per round within 25% of the geometric model:", all(abs(e) < 0.25 for e in token_errors.values()))
+print("tokens per second within 25% of the formula:", all(abs(e) < 0.25 for e in rate_errors.values()))
+""", tags=["claim-speedup-formula"]),
+md(r"""
+Which is fastest on this machine, and what would change on GPUs? The next cell answers from the numbers above and
+from the one-pass timings of section 1. For the GPU projection it prices every pass at its measured *one-token*
+cost, as if a pass over a few dozen tokens cost the same as over one (true for memory-bound passes on a GPU,
+not on this CPU), and ignores the handshake: a projection under stated assumptions, not a measurement.
+"""),
+code(r"""
+fastest = max(table, key=lambda m: table[m]["rate_meas"])
+B_ssd = sum(trees[0]["fan"])
+tree_step = parts["tree"] / K
+draft_lane = (parts["glue"] + parts["tree"]) / parts["verify"]
+T1_, t1_ = t_target[1], t_draft[1]
+proj = {"AR": 1 / T1_, "SD": e_tokens(a_sd, K) / (K * t1_ + T1_),
+        "SSD": e_tokens(a_ssd, K) / (max(T1_, (K + 1) * t1_) + (1 - h) * K * t1_)}
+display(Markdown(
+    f"**Measured here:** AR {table['AR']['rate_meas']:.1f}, SD {table['SD']['rate_meas']:.1f} and overlapped SSD "
+    f"{table['SSD (overlapped)']['rate_meas']:.1f} tokens/s, so **{fastest}** is the fastest on this machine. "
+    f"The draft's glue + tree take **{draft_lane:.1f}x** the target's verify here"
+    + (": the target waits for the draft every round. " if draft_lane > 1 else ": drafting is off the critical path. ")
+    + f"One tree step (a draft pass over {B_ssd} branch tokens, plus sampling {B_ssd} tokens from "
+    f"{target.cfg.vocab_size:,}-way distributions) takes {1e3 * tree_step:.0f} ms, against "
+    f"{1e3 * t_draft[1]:.0f} ms for a one-token draft pass and {1e3 * t_draft[20]:.0f} ms for a plain 20-token one.\n\n"
+    f"**Projected for passes that cost the same at any small width** (one-token costs of section 1: "
+    f"T_1 = {1e3 * T1_:.0f} ms, t_1 = {1e3 * t1_:.0f} ms; glue + tree = {K + 1} draft passes; a miss adds a jit of "
+    f"{K} draft passes): AR {proj['AR']:.1f}, SD {proj['SD']:.1f}, SSD {proj['SSD']:.1f} tokens/s, i.e. SSD at "
+    f"**{proj['SSD'] / proj['SD']:.2f}x** SD and **{proj['SSD'] / proj['AR']:.2f}x** AR with this draft's acceptance "
+    f"(a = {a_ssd:.2f}) and hit rate (h = {h:.2f})."))
+"""),
+# ------------------------------------------------------------------------------------------------ 6. exercises
+md(r"""
+## 6. Exercises
+
+Try each one before opening its answer (the collapsed cell below it; in Jupyter click the "..." or the cell's
+left bar). The facts behind the answers are also checked in `tests/test_notebook.py`.
+
+**Exercise 1: a deterministic proposal.** The fast backup proposes a token $x$ without sampling it. `ssd.verify` then
+receives $q = \text{one-hot}(x)$. What are the acceptance probability and the rejection distribution? Show that the
+emitted token still follows $p$. Check it numerically with `ssd.acceptance_prob` and `ssd.residual`.
+"""),
+code(r"""
+# Answer 1. With q = one-hot(x): accept with min(1, p(x)/1) = p(x). On a rejection the residual is
+# max(0, p - onehot(x)) = p everywhere except at x (where p(x) - 1 <= 0), renormalized: "p with x removed".
+# P(emit y) = p(x) [y = x] + (1 - p(x)) * p(y) / (1 - p(x)) [y != x] = p(y).   (Exact, without sampling x.)
+g = torch.Generator().manual_seed(0)
+p_demo = torch.softmax(torch.randn(10, generator=g, dtype=torch.float64) * 2, -1)
+for x in range(10):
+    onehot = torch.nn.functional.one_hot(torch.tensor(x), 10).double()
+    accept_x = ssd.acceptance_prob(p_demo[x], torch.tensor(1.0, dtype=torch.float64))
+    emitted = accept_x * onehot + (1 - accept_x) * ssd.residual(p_demo, onehot)
+    assert torch.allclose(emitted, p_demo) and torch.isclose(accept_x, p_demo[x])
+print("deterministic proposal: P(emit) == p for every proposed x: True")
+""", hidden=True),
+md(r"""
+**Exercise 2: the fork's exclusion.** In the fork, the candidates for outcome $n = j$ skip $s_{j+1}$. What breaks
+if they do not? (Hint: what is the residual's probability at a token that was just rejected? Is exactness at risk?)
+"""),
+code(r"""
+# Answer 2. Outcome n = j means s_{j+1} was rejected. A rejection is only possible where p(s) < q(s)
+# (if p(s) >= q(s), min(1, p/q) = 1), and there the residual max(0, p - q) is 0: the recovery token can never be
+# s_{j+1}. At T = 0, likewise, the recovery is argmax p, which differs from the rejected token.
+# So without the exclusion, one of the F_j branches is always wasted (a lower hit rate for the same budget).
+# Exactness is NOT at risk: candidates only decide what gets precomputed; every proposal is verified exactly.
+g = torch.Generator().manual_seed(1)
+pp = torch.softmax(torch.randn(1000, 50, generator=g, dtype=torch.float64), -1)
+qq = torch.softmax(torch.randn(1000, 50, generator=g, dtype=torch.float64), -1)
+can_reject = ssd.acceptance_prob(pp, qq) < 1
+print("residual mass on tokens that can be rejected:", float(ssd.residual(pp, qq)[can_reject].abs().max()))
+# on the real models: the tokens the draft proposed and the target rejected in section 2.1
+if n_round < K:
+    rejected = int(s_round[0, n_round])
+    print(f"real round of 2.1: residual at the rejected {show(rejected)!r} =",
+          float(ssd.residual(p_round[0, n_round], q_round[0, n_round])[rejected]))
+""", hidden=True),
+md(r"""
+**Exercise 3: predict Saguaro's effect.** Before running anything: as $C \to 0$, what does $q'$ look like, what
+happens to the acceptance rate, and which tokens does a rejection's residual favor? Then compute
+`saguaro_position_stats` for $C = 0.01$ and a larger fan-out, e.g. $F = 8$, and compare with section 4.2.
+"""),
+code(r"""
+# Answer 3. As C -> 0, q' puts (almost) no mass on the draft's top-(F+1) tokens: proposals come from the draft's
+# tail, the target rarely agrees, so the acceptance sum min(p, q') falls towards the target's mass outside those
+# tokens. The residual max(0, p - q') then is almost p restricted to the top-(F+1) (plus p's excess elsewhere):
+# a rejection's recovery token is nearly always a top-(F+1) token, i.e. cached. More candidates (larger F) raise
+# the hit rate at any C and make the C-effect act on more tokens.
+for F in (F0, 8):
+    for C in (1.0, 0.01):
+        acc, hit_rej, rej = saguaro_position_stats(p_text, q_text, F, C)
+        print(f"F = {F}, C = {C:4}: acceptance {float(acc.mean()):.3f}, "
+              f"P(hit | rejection) {float(hit_rej.sum() / rej.sum()):.3f}")
+""", hidden=True),
+md(r"""
+**Exercise 4: tokens per round.** If each draft token is accepted independently with probability $a$, show that a
+round emits $E_a = \frac{1 - a^{K+1}}{1-a}$ tokens on average. If a draft pass costs a fraction $c$ of a target pass
+and the verify costs the same as one target pass, which $K$ maximizes SD's speedup $E_a / (Kc + 1)$ for
+$a = 0.5, c = 0.2$? And for $a = 0.8, c = 0.05$?
+"""),
+code(r"""
+# Answer 4. The round emits n + 1 tokens with P(n = j) = a^j (1 - a) for j < K and a^K for j = K, so
+# E[n + 1] = sum_{i=0}^{K} P(n >= i) = sum_{i=0}^{K} a^i = (1 - a^(K+1)) / (1 - a).
+for a in (0.3, 0.5, 0.9):
+    direct = sum((j + 1) * pj for j, pj in enumerate(outcome_probs(a, K)))
+    assert abs(direct - e_tokens(a, K)) < 1e-12
+for a, c in [(0.5, 0.2), (0.8, 0.05)]:
+    speedups = {k: e_tokens(a, k) / (k * c + 1) for k in range(1, 16)}
+    best = max(speedups, key=speedups.get)
+    print(f"a = {a}, c = {c}: best K = {best}, speedup {speedups[best]:.2f}x")
+""", hidden=True),
+md(r"""
+**Exercise 5: the geometric fan-out.** Derive $F_j \propto P_j^{1/(1+r)}$ from minimizing $\sum_j P_j F_j^{-r}$ under
+$\sum_j F_j = B$, and explain the extra factor $(1-a)^{-1/(1+r)}$ on $F_K$. Check that `ssd.geometric_fan_out` is
+within rounding of $B\,P_j^{1/(1+r)} / \sum_i P_i^{1/(1+r)}$.
+"""),
+code(r"""
+# Answer 5. Lagrangian: d/dF_j [P_j F_j^-r + lambda F_j] = -r P_j F_j^-(r+1) + lambda = 0  =>  F_j ∝ P_j^(1/(1+r)).
+# With P_j = a^j (1-a) for j < K and P_K = a^K, the common factor (1-a)^(1/(1+r)) of the j < K outcomes cancels
+# in the proportion, which leaves F_j ∝ a^(j/(1+r)) and F_K ∝ a^(K/(1+r)) (1-a)^(-1/(1+r)).
+for a in (0.2, 0.5, 0.8, 0.95):
+    for r_exp in (0.5, 1.0, 2.0):
+        weights = [pj ** (1 / (1 + r_exp)) for pj in outcome_probs(a, K)]
+        ideal = [BUDGET * wj / sum(weights) for wj in weights]
+        fan = ssd.geometric_fan_out(K, BUDGET, a, r_exp)
+        assert all(abs(f - x) < 1 for f, x in zip(fan, ideal)) and sum(fan) == BUDGET
+print("geometric_fan_out is the rounded optimum for every (a, r) tried: True")
+""", hidden=True),
+# ------------------------------------------------------------------------------------------------ end
+md(r"""
+## Where to go next
+
+* `ssd.py`, top to bottom: `verify`, `sd_round`, `ssd_round`, `build_speculation_cache`, `tree_decode`,
+  `geometric_fan_out`, `choose_backup`. Everything this notebook called is there.
+* `tests/test_exactness.py`: the analytic (every path of a round enumerated in float64) and statistical checks that
+  the output distribution is the target's, for every proposal source SSD uses.
+* The paper: Kumar, Dao & May, *Speculative Speculative Decoding*, arXiv 2603.03251.
+"""),
+code(r"""
+print(f"notebook executed in {time.perf_counter() - NOTEBOOK_START:.0f} s on this machine")
+"""),
+]
+
+
+def build() -> "nbformat.NotebookNode":
+    import nbformat
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                   "language_info": {"name": "python"}}
+    for i, (kind, source, meta) in enumerate(CELLS):
+        cell = nbformat.v4.new_markdown_cell(source) if kind == "markdown" else nbformat.v4.new_code_cell(source)
+        cell.metadata.update(meta)
+        cell.id = f"cell-{i:02d}"  # stable ids: a rebuild only changes what really changed
+        nb.cells.append(cell)
+    return nb
+
+
+def execute(nb, timeout=TIMEOUT_PER_CELL):
+    from nbclient import NotebookClient
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                            resources={"metadata": {"path": str(ROOT)}})
+    client.execute()
+    return nb
+
+
+def main(argv=None):
+    import nbformat
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-execute", action="store_true", help="write the cells without running them")
+    ap.add_argument("--out", default=str(NOTEBOOK), help="where to write the notebook (default: tutorial.ipynb)")
+    args = ap.parse_args(argv)
+    nb = build()
+    if not args.no_execute:
+        t0 = time.perf_counter()
+        execute(nb)
+        print(f"executed in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    nbformat.write(nb, args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
