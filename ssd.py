@@ -20,7 +20,6 @@ on its own GPU) overlaps: in SSD the draft's glue pass and tree decode run *duri
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -617,7 +616,9 @@ def choose_backup(batch: int, est) -> str:
     """Batch-aware backup (paper, section 4.3). On a miss the jit backup runs K draft steps before
     the target can verify; the whole batch waits if *any* row misses, which happens with
     probability 1 - h^b. The cheap backup never waits but its proposals are rarely accepted.
-    Pick the one with more expected tokens per second, from measured costs."""
+    Pick the one with more expected tokens per second. The costs are fixed for a run (ssd_fast.py
+    measures them once per batch size; here the draft/target parameter ratio stands in), so the
+    choice depends only on what the run has seen: a seed reproduces a run."""
     h, a, k = est.hit_rate, est.accept_rate, est.k
     t_verify = est.t_verify or 1.0
     t_jit = est.t_jit or est.jit_cost_ratio * t_verify
@@ -633,9 +634,9 @@ class Estimates:
     k: int
     accept_rate: float = 0.7
     hit_rate: float = 0.8
-    t_verify: float | None = None       # seconds, once measured
+    t_verify: float | None = None       # seconds, when measured
     t_jit: float | None = None
-    jit_cost_ratio: float = 1.0         # prior for t_jit / t_verify before the jit has run
+    jit_cost_ratio: float = 1.0         # t_jit / t_verify when not measured
     tokens_cheap: float = 1.2
     accepted: float = 2.8               # pseudo-counts: the prior a = 0.7 weighs as 4 trials
     trials: float = 4.0
@@ -654,12 +655,6 @@ class Estimates:
         hits = [h for h, on in zip(stats.hit or [], stats.active) if on]
         if hits:
             self.hit_rate = decay * self.hit_rate + (1 - decay) * sum(hits) / len(hits)
-        def ema(old, new):
-            return new if old is None else decay * old + (1 - decay) * new
-        if "verify" in stats.times:
-            self.t_verify = ema(self.t_verify, stats.times["verify"])
-        if "backup" in stats.times and stats.backup == "jit":
-            self.t_jit = ema(self.t_jit, stats.times["backup"])
 
 
 def ssd_round(state, target, draft, opts, ctx):
@@ -930,7 +925,7 @@ def generate(target: Transformer, prompts, draft: Transformer | None = None, mod
                   miss_exponent=miss_exponent, c=saguaro_c, backup=backup, max_new_tokens=max_new_tokens,
                   eos_ids=eos, context_limit=context_limit, est=Estimates(k=k), cache=SpeculationCache(B),
                   last_n=[0] * B)
-    if draft is not None:  # prior for the jit backup's cost: K draft steps, priced by parameter count
+    if draft is not None:  # the jit backup's cost: K draft steps, priced by parameter count
         ctx.est.jit_cost_ratio = k * sum(p.numel() for p in draft.parameters()) / sum(p.numel() for p in target.parameters())
     for b in range(B):
         state.tokens[b].append(int(first[b]))
@@ -954,9 +949,13 @@ def generate(target: Transformer, prompts, draft: Transformer | None = None, mod
                             prefill_time=prefill_time)
 
 
-def load_pair(target_dir=None, draft_dir=None, mode="ssd", dtype=torch.float32, device="cpu", log=print):
-    """Target, draft (None in AR mode) and tokenizer; the embedded SmolLM2 pair by default."""
+def load_pair(target_dir=None, draft_dir=None, mode="ssd", dtype=torch.float32, device="cpu", log=print,
+              progress=None, tokenizer=None):
+    """Target, draft (None in AR mode) and tokenizer; the embedded SmolLM2 pair by default.
+    `progress(stage)` (optional) is called as each stage of the loading starts; pass the target's
+    `tokenizer` if you have loaded it already."""
     import embedded
+    step = progress or (lambda stage: None)
     if target_dir is None:
         target_dir = embedded.ensure_target()
         if draft_dir is None and mode != "ar":
@@ -964,15 +963,21 @@ def load_pair(target_dir=None, draft_dir=None, mode="ssd", dtype=torch.float32, 
             log(f"draft: {about}")
     elif draft_dir is None and mode != "ar":
         raise ValueError(f"--mode {mode} needs a draft: pass --draft DIR (or --mode ar)")
+    step("target weights")
     target = load_model(target_dir, dtype, device)
-    tokenizer = embedded.load_tokenizer(target_dir)
+    if tokenizer is None:
+        step("tokenizer")
+        tokenizer = embedded.load_tokenizer(target_dir)
     draft = None
     if mode != "ar":
+        step("draft weights")
         draft_cfg = read_config(Path(draft_dir).expanduser()) if Path(draft_dir).expanduser().is_dir() else {}
         shared = target.model.embed_tokens.weight if draft_cfg.get("ssd_shared_embedding") else None
         draft = load_model(draft_dir, dtype, device, shared_embedding=shared)
         check_compatible(target, draft)
-        if any(Path(draft_dir, f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        same_dir = Path(draft_dir).expanduser().resolve() == Path(target_dir).expanduser().resolve()
+        if not same_dir and any(Path(draft_dir, f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            step("draft tokenizer check")
             probe = "Speculative decoding, 1234 ünïcödé {code: [x]}"
             draft_tok = embedded.load_tokenizer(draft_dir)
             if draft_tok.encode(probe) != tokenizer.encode(probe):
@@ -980,94 +985,10 @@ def load_pair(target_dir=None, draft_dir=None, mode="ssd", dtype=torch.float32, 
     return target, draft, tokenizer, Path(target_dir)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="AR, SD and SSD (Saguaro) decoding, the readable reference.")
-    ap.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
-    ap.add_argument("--target", help="target checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--draft", help="draft checkpoint directory (default with the embedded target: its draft)")
-    ap.add_argument("--mode", choices=["ar", "sd", "ssd"], default="ssd")
-    ap.add_argument("--k", type=int, default=4, help="lookahead K: draft tokens per round")
-    ap.add_argument("--fan-out", default="auto", help="'auto' (geometric, Saguaro) or F candidates per outcome")
-    ap.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling constant C in (0, 1]")
-    ap.add_argument("--backup", choices=["auto", "jit", "fast"], default="auto", help="SSD backup on a cache miss")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--draft-temperature", type=float, default=None, help="default: --temperature")
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    ap.add_argument("--json", action="store_true", help="print one JSON object: ids, text, statistics")
-    return ap.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    fan_out = args.fan_out if args.fan_out == "auto" else int(args.fan_out) if args.fan_out.isdigit() else None
-    if fan_out is None:
-        raise ValueError(f"--fan-out must be 'auto' or a positive integer, got {args.fan_out!r}")
-    if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
-    if args.temperature < 0 or (args.draft_temperature or 0) < 0:
-        raise ValueError("--temperature must be >= 0")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    target, draft, tok, target_dir = load_pair(args.target, args.draft, args.mode, getattr(torch, args.dtype), log=log)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else tok.encode(p)
-               for p in args.prompt]
-    log(f"target: {target_dir} | mode: {args.mode}" + (f", K={args.k}" if args.mode != "ar" else ""))
-    printed = [""]
-
-    eos = set(target.cfg.eos_token_ids)
-
-    def stream(tokens, stats):  # print the new text of a single prompt as rounds are accepted
-        text = tok.decode([t for t in tokens[0] if t not in eos])
-        if text.startswith(printed[0]) and not text.endswith("\ufffd"):
-            print(text[len(printed[0]):], end="", flush=True)
-            printed[0] = text
-    streaming = len(prompts) == 1 and not args.json
-    if streaming:
-        print(args.prompt[0], end="", flush=True)
-    result = generate(target, prompts, draft=draft, mode=args.mode, k=args.k, temperature=args.temperature,
-                      draft_temperature=args.draft_temperature, top_k=args.top_k, top_p=args.top_p,
-                      fan_out=fan_out, saguaro_c=args.saguaro_c, backup=args.backup,
-                      max_new_tokens=args.max_new_tokens, seed=args.seed, on_round=stream if streaming else None)
-    texts = [tok.decode([t for t in ids if t not in eos]) for ids in result.tokens]
-    summary = result.summary()
-    if args.json:
-        print(json.dumps({"prompts": args.prompt, "token_ids": result.tokens, "text": texts,
-                          "finish_reasons": result.finish_reasons, "stats": summary,
-                          "rounds": [r.__dict__ for r in result.rounds]}))
-        return 0
-    if streaming:
-        print(texts[0][len(printed[0]):] if texts[0].startswith(printed[0]) else "")
-    else:
-        for p, t in zip(args.prompt, texts):
-            print(f"{p}{t}\n---")
-    decode_s = sum(summary["time_s"].values())
-    rate = summary["generated_tokens"] / decode_s if decode_s else float("nan")
-    line = f"[{summary['generated_tokens']} tokens, {rate:.1f} tok/s, {summary['tokens_per_round']:.2f} tokens/round"
-    if summary["acceptance_rate"] is not None:
-        line += f", acceptance {summary['acceptance_rate']:.2f}"
-    if summary["cache_hit_rate"] is not None:
-        line += f", cache hit rate {summary['cache_hit_rate']:.2f}, backups {summary['backups']}"
-        line += f", sequential {decode_s:.2f}s vs overlapped {summary['overlapped_time_s']:.2f}s"
-    print(line + "]")
-    return 0
-
-
 def cli(argv=None) -> int:
-    """The command line: every bad input is one line on stderr and exit status 2, no traceback."""
-    try:
-        return main(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    """The command line (cli.py, shared with ssd_fast.py): returns the exit status."""
+    import cli as _cli
+    return _cli.run(argv, backend="reference")
 
 
 if __name__ == "__main__":

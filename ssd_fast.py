@@ -17,11 +17,9 @@ says so once), and gives the same greedy tokens as ssd.py.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -158,7 +156,7 @@ class Graphed:
                 fn(**self.static)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.out = fn(**self.static)
 
     def __call__(self, **inputs):
@@ -217,7 +215,7 @@ class Engine:
     CPU by ssd.load_model) and re-lays them on the device."""
 
     def __init__(self, target: ssd.Transformer, draft: ssd.Transformer | None = None, device=None,
-                 dtype=None, cuda_graphs=True, max_seq=4096, log=print):
+                 dtype=None, cuda_graphs=True, max_seq=4096, log=print, concurrent=None):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         on_gpu = str(device).startswith("cuda")
         if on_gpu and not torch.cuda.is_available():
@@ -237,16 +235,22 @@ class Engine:
         self.max_seq = min(max_seq, target.cfg.max_position_embeddings)
         self.caches, self.calibrated = {}, {}
         self.check_sync = False
+        # SSD's draft side (glue, fork, tree) runs concurrently with the target's verify: in a worker
+        # thread that launches on its own CUDA stream (GPU), or computes on its own thread (CPU).
+        # Off by default until it has been measured on GPUs (BENCHMARKS.md); `concurrent=True` turns it on.
+        self.concurrent = bool(concurrent)
+        self.worker = DraftWorker(self.device if on_gpu else None) if self.concurrent and draft is not None else None
+        self.log, self.draft_failed = log, False
 
     # --- small device helpers -----------------------------------------------------------------
 
     def _probs(self, logits, t, req):
         return ssd.to_probs(logits, t, req.top_k, req.top_p)
 
-    def _sample(self, probs):
+    def _sample(self, probs, gen=None):
         """Exact sampling by exponential race: argmax p / E with E ~ Exp(1), no host sync."""
         flat = probs.reshape(-1, probs.shape[-1]).float().contiguous()
-        noise = torch.empty_like(flat).exponential_()
+        noise = torch.empty_like(flat).exponential_(generator=gen)
         return self.ops.sample_exponential_race(flat, noise).reshape(probs.shape[:-1])
 
     def _cache(self, model, name, batch, branches=0, k=0):
@@ -294,6 +298,8 @@ class Engine:
                                mode, k, temperature, draft_temperature, top_k, top_p, fan_out, fan_out_budget,
                                saguaro_c, backup, miss_exponent, max_new_tokens, seed, eos_token_id, self.max_seq)
         torch.manual_seed(seed)
+        if self.worker is not None:
+            self.worker.seed(seed)
         self.profile, self.req = profile, req
         B = len(req.prompts)
         Bb = bucket(B)
@@ -453,21 +459,66 @@ class Engine:
         if not all(h or d for h, d in zip(stats.hit, st.done)):
             stats.backup = req.backup if req.backup != "auto" else ssd.choose_backup(B, est)
             with self._timed(stats, "backup"):
-                if stats.backup == "jit":
-                    s, qs = self._draft_propose(st, req, fan)
-                else:
-                    s = self._ngram_proposal(st, req)    # deterministic: verified with q = one-hot
-                    qs = torch.zeros(*s.shape, self.target.cfg.vocab_size, device=self.device).scatter_(-1, s[..., None], 1.0)
+                s, qs = self._backup(st, req, fan, stats)
                 proposal = torch.where(hit[:, None], proposal, s)
                 q = torch.where(hit[:, None, None], q, qs)
-        # 3. Verify (on two GPUs, 4 runs on the draft's GPU at the same time).
+        # 3 and 4 at the same time: the target verifies while the draft runs the glue pass, the fork
+        # and the tree decode that make the next round's speculation cache.
+        m1 = st.lens - 1
+        r = st.hist.gather(1, m1[:, None])
+        job = self._submit_draft_side(m1, r, proposal, fan, req, stats)
         with self._timed(stats, "verify"):
             n, new = self._verify(st, req, proposal, q)
-        # 4. Glue pass, fork, tree decode: the next round's speculation cache.
-        self._build_speculation_cache(st, req, proposal, fan, stats)
+        with self._timed(stats, "wait_draft"):
+            st.spec = self._join_draft_side(job)
         self._commit_device(st, n, new)
         _, _, hit_next = self._lookup(st)
         return n, new, hit_next
+
+    def _backup(self, st, req, fan, stats):
+        if stats.backup == "jit":
+            try:
+                return self._draft_propose(st, req, fan)
+            except Exception as e:  # the draft is gone: this round takes the cheap proposal
+                self._draft_lost(e)
+                stats.backup = "fast"
+        s = self._ngram_proposal(st, req)    # deterministic: verified with q = one-hot
+        return s, torch.zeros(*s.shape, self.target.cfg.vocab_size, device=self.device).scatter_(-1, s[..., None], 1.0)
+
+    def _submit_draft_side(self, m1, r, proposal, fan, req, stats):
+        if self.draft_failed:
+            return None
+        if self.worker is None:  # sequential: run it now
+            return _Done(self._safe(lambda: self._build_speculation_cache(m1, r, proposal, fan, req, stats)))
+        return self.worker.submit(self._build_speculation_cache, m1, r, proposal, fan, req, stats)
+
+    def _join_draft_side(self, job):
+        if job is None:
+            return None
+        try:
+            spec = job.result()
+        except Exception as e:
+            self._draft_lost(e)
+            return None
+        if isinstance(spec, Exception):
+            self._draft_lost(spec)
+            return None
+        if self.worker is not None:
+            self.worker.hand_over(spec.values())
+        return spec
+
+    def _safe(self, fn):
+        try:
+            return fn()
+        except Exception as e:
+            return e
+
+    def _draft_lost(self, error):
+        """Faults: without its draft the run finishes as AR on the target; nothing generated is lost."""
+        if not self.draft_failed:
+            self.log(f"ssd_fast: the draft failed ({type(error).__name__}: {error}); "
+                     "finishing with the target alone (AR), the tokens so far are kept")
+        self.draft_failed = True
 
     def _lookup(self, st):
         """Device-side lookup of (last n, r) among the cached keys: (proposal, q, hit) per row."""
@@ -482,10 +533,11 @@ class Engine:
         rows = torch.arange(Bb, device=self.device)
         return spec["chains"][rows, idx], spec["q"][rows, idx], hit
 
-    def _build_speculation_cache(self, st, req, proposal, fan, stats):
+    def _build_speculation_cache(self, m1, r, proposal, fan, req, stats):
+        """The draft side of a round (m1: position of r per row). Returns the speculation cache:
+        keys (j, candidate) and, per key, K tokens and the K q rows they were sampled from."""
         K, dev = req.k, self.device
-        m1 = st.lens - 1
-        r = st.hist.gather(1, m1[:, None])
+        gen = self.worker.gen if self.worker is not None else None
         with self._timed(stats, "glue"):
             glue = self.d_run.step(self.dc, torch.cat([r, proposal], 1), m1[:, None] + torch.arange(K + 1, device=dev))
         with self._timed(stats, "tree"):
@@ -507,13 +559,13 @@ class Engine:
                     logits = self.draft.forward(tokens, positions, self.dc, tree=(trunk, glue, depth))
                     # Saguaro sampling: a token at depth d is proposal d+1, decided by outcome n = d.
                     q = ssd.saguaro_rescale(self._probs(logits, t, req), f, req.c)
-                    return self._sample(q), q
+                    return self._sample(q, gen), q
                 key = ("tree", id(self.dc), B, N, depth, fan[depth], req.c, req.top_k, req.top_p)
                 s, q = self.d_run.run(key, step, tokens=tokens, positions=m1[:, None] + glue_j + 1 + depth,
                                       trunk=m1, glue=glue_j, t=req.t_draft)
                 chains[:, :, depth], qs[:, :, depth] = s, q
                 tokens = chains[:, :, depth]
-            st.spec = dict(j=branch_j, cand=cand, chains=chains, q=qs)
+            return dict(j=branch_j, cand=cand, chains=chains, q=qs)
 
     def _calibrate(self, Bb, k):
         """Measure one verify and one jit backup (K draft steps) at this batch size, for the
@@ -542,6 +594,63 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
 
+class DraftWorker:
+    """The draft's side of SSD on its own thread: on a GPU it launches on its own CUDA stream, so its
+    kernels run while the target's verify runs; on a CPU it computes next to the main thread.
+    Inputs are handed over with an event (the draft stream waits for the main stream), outputs the
+    other way round; record_stream keeps the caching allocator from reusing a buffer too early."""
+
+    def __init__(self, device, seed_offset=1):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssd-draft")
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device is not None else None
+        self.gen = None if device is not None else torch.Generator()
+        self.seed_offset = seed_offset
+
+    def seed(self, seed):
+        if self.gen is not None:
+            self.gen.manual_seed(seed + self.seed_offset)
+
+    def submit(self, fn, *args):
+        if self.stream is None:
+            return self.pool.submit(_no_grad_call, fn, *args)
+        main = torch.cuda.current_stream(self.device)
+        ready = main.record_event()
+        for t in args:
+            if isinstance(t, torch.Tensor):
+                t.record_stream(self.stream)
+        return self.pool.submit(self._on_stream, ready, fn, *args)
+
+    def _on_stream(self, ready, fn, *args):
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            return _no_grad_call(fn, *args)
+
+    def hand_over(self, tensors):
+        """The main stream waits for the draft stream before it reads the draft's outputs."""
+        if self.stream is None:
+            return
+        main = torch.cuda.current_stream(self.device)
+        main.wait_stream(self.stream)
+        for t in tensors:
+            t.record_stream(main)
+
+
+def _no_grad_call(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
+
+
+class _Done:
+    """An already computed result with a Future's result() (the sequential path)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
 class _Run:
     """One generate call in progress: its device state and the rounds so far."""
 
@@ -553,6 +662,8 @@ class _Run:
     def rounds_iter(self):
         eng, st, B = self.engine, self.st, self.B
         while not all(st.done):
+            if eng.draft_failed:   # the rest of the run is AR on the target
+                self.round_fn = eng._ar_round
             active = [not d for d in st.done]
             t_round = time.perf_counter()
             stats = ssd.RoundStats(accepted=[])
@@ -603,3 +714,10 @@ class _Timer:
         if self.sync:
             torch.cuda.synchronize()
         self.stats.times[self.name] = self.stats.times.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+if __name__ == "__main__":  # the command line, shared with ssd.py: python ssd_fast.py --help
+    import sys
+
+    import cli
+    sys.exit(cli.run(sys.argv[1:], backend="fast"))

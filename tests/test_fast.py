@@ -133,3 +133,64 @@ def test_gpu_distribution(small, path):
                               seed=seed, **te.PATHS[path])
         samples += [tuple(t[te.WINDOW]) for t in out.tokens]
     assert te.chi_square_p_value(samples, te.exact_joint(target, prompt, te.N_TOKENS, te.WINDOW)) > 1e-3
+
+
+# --- the draft side running concurrently with the verify (a worker thread on a CPU) ---------------
+
+@pytest.fixture(scope="module")
+def concurrent_engine(pair):
+    return ssd_fast.Engine(*pair, device="cpu", concurrent=True, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("kw", [dict(k=3, backup="jit"), dict(k=2, backup="fast", fan_out=3), dict(k=4)])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_concurrent_greedy_equals_ar(pair, concurrent_engine, kw, batch):
+    ref = ssd.generate(pair[0], PROMPTS[:batch], max_new_tokens=20, eos_token_id=[]).tokens
+    out = concurrent_engine.generate(PROMPTS[:batch], mode="ssd", max_new_tokens=20, eos_token_id=[], **kw)
+    assert out.tokens == ref
+    assert "wait_draft" in out.rounds[-1].times
+
+
+def test_concurrent_draft_equal_to_target_hits(pair):
+    engine = ssd_fast.Engine(pair[0], pair[0], device="cpu", concurrent=True, log=lambda *a: None)
+    out = engine.generate(PROMPTS[:2], mode="ssd", k=3, max_new_tokens=1 + 5 * 4, eos_token_id=[], backup="jit")
+    assert out.summary()["tokens_per_round"] == 4 and all(all(r.hit) for r in out.rounds[1:])
+
+
+def test_concurrent_is_reproducible_at_temperature_1(concurrent_engine):
+    kw = dict(mode="ssd", k=3, temperature=1.0, max_new_tokens=16, eos_token_id=[], seed=11)
+    assert concurrent_engine.generate(PROMPTS, **kw).tokens == concurrent_engine.generate(PROMPTS, **kw).tokens
+
+
+def test_concurrent_distribution(small):
+    target, draft = small
+    engine = ssd_fast.Engine(target, draft, device="cpu", concurrent=True, log=lambda *a: None)
+    prompt = [1, 4, 2, 5, 0]
+    out = engine.generate([prompt] * te.N_SAMPLES, temperature=1.0, max_new_tokens=te.N_TOKENS, eos_token_id=[],
+                          seed=9, **te.PATHS["ssd-jit"])
+    samples = [tuple(t[te.WINDOW]) for t in out.tokens]
+    assert te.chi_square_p_value(samples, te.exact_joint(target, prompt, te.N_TOKENS, te.WINDOW)) > 1e-3
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+@pytest.mark.parametrize("where", ["tree", "jit"])
+def test_draft_failure_finishes_with_the_target(pair, concurrent, where):
+    """The draft side raises in round 3: the run finishes as AR, says so, keeps every token."""
+    messages = []
+    engine = ssd_fast.Engine(*pair, device="cpu", concurrent=concurrent, log=messages.append)
+    calls = {"n": 0}
+    name = "_build_speculation_cache" if where == "tree" else "_draft_propose"
+    original = getattr(engine, name)
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            raise RuntimeError("draft device lost")
+        return original(*args, **kw)
+    setattr(engine, name, flaky)
+    ref = ssd.generate(pair[0], PROMPTS[:2], max_new_tokens=24, eos_token_id=[]).tokens
+    backup = "jit" if where == "jit" else "auto"
+    out = engine.generate(PROMPTS[:2], mode="ssd", k=3, max_new_tokens=24, eos_token_id=[], backup=backup,
+                          fan_out=1 if where == "jit" else "auto")
+    assert out.tokens == ref and set(out.finish_reasons) == {"length"}
+    assert engine.draft_failed and any("finishing with the target alone" in m for m in messages)
