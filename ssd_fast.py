@@ -215,7 +215,7 @@ class Engine:
     CPU by ssd.load_model) and re-lays them on the device."""
 
     def __init__(self, target: ssd.Transformer, draft: ssd.Transformer | None = None, device=None,
-                 dtype=None, cuda_graphs=True, max_seq=4096, log=print, concurrent=None):
+                 dtype=None, cuda_graphs=True, max_seq=4096, log=print, concurrent=None, draft_device=None):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         on_gpu = str(device).startswith("cuda")
         if on_gpu and not torch.cuda.is_available():
@@ -227,8 +227,12 @@ class Engine:
         self.ops = Ops(use_triton=on_gpu)
         if draft is not None:
             ssd.check_compatible(target, draft)
+        self.draft_device = torch.device(draft_device) if draft_device is not None else self.device
+        if self.draft_device.type == "cuda" and (self.draft_device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"draft device {self.draft_device} asked for, but only {torch.cuda.device_count()} GPU(s) "
+                             "are visible")
         self.target = FastModel(target, self.device, self.dtype, self.ops)
-        self.draft = FastModel(draft, self.device, self.dtype, self.ops) if draft is not None else None
+        self.draft = FastModel(draft, self.draft_device, self.dtype, self.ops) if draft is not None else None
         graphs = cuda_graphs and on_gpu
         self.t_run = Runner(self.target, graphs)
         self.d_run = Runner(self.draft, graphs) if draft is not None else None
@@ -239,7 +243,7 @@ class Engine:
         # thread that launches on its own CUDA stream (GPU), or computes on its own thread (CPU).
         # Off by default until it has been measured on GPUs (BENCHMARKS.md); `concurrent=True` turns it on.
         self.concurrent = bool(concurrent)
-        self.worker = DraftWorker(self.device if on_gpu else None) if self.concurrent and draft is not None else None
+        self.worker = DraftWorker(self.draft_device if on_gpu else None) if self.concurrent and draft is not None else None
         self.log, self.draft_failed = log, False
 
     # --- small device helpers -----------------------------------------------------------------
@@ -304,8 +308,9 @@ class Engine:
         B = len(req.prompts)
         Bb = bucket(B)
         dev = self.device
+        req.send_q = bool((req.t > 0).any())   # at temperature 0 the verify needs no q rows
         req.t = torch.cat([req.t, torch.zeros(Bb - B)]).to(dev)
-        req.t_draft = torch.cat([req.t_draft, torch.zeros(Bb - B)]).to(dev)
+        req.t_draft = torch.cat([req.t_draft, torch.zeros(Bb - B)]).to(self.draft_device)
         branches = (sum(req.fan) if req.fan else req.budget) if mode == "ssd" else 0
         self.tc = self._cache(self.target, "target", Bb)
         self.dc = self._cache(self.draft, "draft", Bb, branches, req.k) if mode != "ar" else None
@@ -325,7 +330,7 @@ class Engine:
         plens = torch.tensor([len(p) for p in prompts], device=dev)
         logits = self.target.forward(tokens, positions, self.tc)[torch.arange(Bb, device=dev), plens - 1]
         if mode != "ar":
-            self.draft.forward(tokens, positions, self.dc)
+            self.draft.forward(tokens.to(self.draft_device), positions.to(self.draft_device), self.dc)
         first = self._sample(self._probs(logits, req.t, req))
         hist = torch.zeros(Bb, self.max_seq + 2 * req.k + 4, dtype=torch.long, device=dev)
         hist[:, :T] = tokens
@@ -391,11 +396,14 @@ class Engine:
         """K draft steps from the recovery token r (SD, and SSD's jit backup). The first step also
         re-reads the token before r, so rows where the draft has not seen s_K yet (all K accepted
         last round) need no separate catch-up pass: every row runs the same shapes."""
+        dd = self.draft_device
         m1 = st.lens - 1
         B, V = st.hist.shape[0], self.draft.cfg.vocab_size
-        tokens = torch.empty(B, req.k, dtype=torch.long, device=self.device)
-        qs = torch.empty(B, req.k, V, device=self.device)
-        step_tokens, step_pos = st.hist.gather(1, torch.stack([m1 - 1, m1], 1)), torch.stack([m1 - 1, m1], 1)
+        tokens = torch.empty(B, req.k, dtype=torch.long, device=dd)
+        qs = torch.empty(B, req.k, V, device=dd)
+        step_pos = torch.stack([m1 - 1, m1], 1)
+        step_tokens, step_pos = st.hist.gather(1, step_pos).to(dd), step_pos.to(dd)
+        m1 = m1.to(dd)
         for i in range(req.k):
             f_i = fan[i] if fan is not None else 0
 
@@ -407,7 +415,7 @@ class Engine:
             s, q = self.d_run.run(key, step, tokens=step_tokens, positions=step_pos, t=req.t_draft)
             tokens[:, i], qs[:, i] = s, q
             step_tokens, step_pos = tokens[:, i:i + 1], (m1 + 1 + i)[:, None]
-        return tokens, qs
+        return tokens.to(self.device), qs.to(self.device)
 
     def _verify(self, st, req, proposal, q):
         """The target's pass over [r, s1..sK] and the fused exact verify (one kernel, no sync)."""
@@ -488,6 +496,8 @@ class Engine:
     def _submit_draft_side(self, m1, r, proposal, fan, req, stats):
         if self.draft_failed:
             return None
+        dd = self.draft_device
+        m1, r, proposal = m1.to(dd), r.to(dd), proposal.to(dd)   # the handshake, target -> draft
         if self.worker is None:  # sequential: run it now
             return _Done(self._safe(lambda: self._build_speculation_cache(m1, r, proposal, fan, req, stats)))
         return self.worker.submit(self._build_speculation_cache, m1, r, proposal, fan, req, stats)
@@ -521,22 +531,30 @@ class Engine:
         self.draft_failed = True
 
     def _lookup(self, st):
-        """Device-side lookup of (last n, r) among the cached keys: (proposal, q, hit) per row."""
-        spec, Bb = st.spec, st.hist.shape[0]
+        """Device-side lookup of the outcome key (last n, r) among the cached keys, on the draft's
+        device: the key goes there, the K tokens (and their q rows, only if some row samples at
+        temperature > 0) come back. Returns (proposal, q, hit) on the target's device."""
+        spec, Bb, dev, dd = st.spec, st.hist.shape[0], self.device, self.draft_device
+        V = self.target.cfg.vocab_size
         if spec is None:
-            V = self.target.cfg.vocab_size
-            return (torch.zeros(Bb, self.req.k, dtype=torch.long, device=self.device),
-                    torch.zeros(Bb, self.req.k, V, device=self.device), torch.zeros(Bb, dtype=torch.bool, device=self.device))
+            return (torch.zeros(Bb, self.req.k, dtype=torch.long, device=dev),
+                    torch.zeros(Bb, self.req.k, V, device=dev), torch.zeros(Bb, dtype=torch.bool, device=dev))
         r = st.hist.gather(1, (st.lens - 1)[:, None])
-        match = (spec["j"] == st.last_n[:, None]) & (spec["cand"] == r)
+        key = torch.cat([st.last_n[:, None], r], 1).to(dd)
+        match = (spec["j"] == key[:, :1]) & (spec["cand"] == key[:, 1:])
         hit, idx = match.any(1), match.float().argmax(1)
-        rows = torch.arange(Bb, device=self.device)
-        return spec["chains"][rows, idx], spec["q"][rows, idx], hit
+        rows = torch.arange(Bb, device=dd)
+        proposal = spec["chains"][rows, idx].to(dev)
+        if self.req.send_q:
+            q = spec["q"][rows, idx].to(dev)
+        else:  # greedy verify: any q gives the same result; one-hot(s) needs no transfer
+            q = torch.zeros(*proposal.shape, V, device=dev).scatter_(-1, proposal[..., None], 1.0)
+        return proposal, q, hit.to(dev)
 
     def _build_speculation_cache(self, m1, r, proposal, fan, req, stats):
         """The draft side of a round (m1: position of r per row). Returns the speculation cache:
         keys (j, candidate) and, per key, K tokens and the K q rows they were sampled from."""
-        K, dev = req.k, self.device
+        K, dev = req.k, self.draft_device
         gen = self.worker.gen if self.worker is not None else None
         with self._timed(stats, "glue"):
             glue = self.d_run.step(self.dc, torch.cat([r, proposal], 1), m1[:, None] + torch.arange(K + 1, device=dev))
@@ -585,13 +603,15 @@ class Engine:
             self._sync()
             return (time.perf_counter() - t0) / reps
         t_verify = timed(lambda: self.t_run.step(self.tc, tok, pos))
-        t_jit = timed(lambda: [self.d_run.step(self.dc, tok[:, :1], pos[:, i:i + 1]) for i in range(k)])
+        tok_d, pos_d = tok.to(self.draft_device), pos.to(self.draft_device)
+        t_jit = timed(lambda: [self.d_run.step(self.dc, tok_d[:, :1], pos_d[:, i:i + 1]) for i in range(k)])
         self.calibrated[(Bb, k)] = (t_verify, t_jit)
         return t_verify, t_jit
 
     def _sync(self):
         if self.on_gpu:
             torch.cuda.synchronize(self.device)
+            torch.cuda.synchronize(self.draft_device)
 
 
 class DraftWorker:

@@ -194,3 +194,17 @@ def test_draft_failure_finishes_with_the_target(pair, concurrent, where):
                           fan_out=1 if where == "jit" else "auto")
     assert out.tokens == ref and set(out.finish_reasons) == {"length"}
     assert engine.draft_failed and any("finishing with the target alone" in m for m in messages)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_gpu_concurrent_stream_matches_sequential(pair, temperature):
+    """The draft side on its own CUDA stream (one GPU) or its own GPU (two): greedy equals AR, and the
+    distribution path runs; with two GPUs the draft sits on cuda:1."""
+    draft_device = "cuda:1" if torch.cuda.device_count() > 1 else None
+    engine = ssd_fast.Engine(*pair, device="cuda", dtype=torch.float32, concurrent=True, draft_device=draft_device)
+    kw = dict(mode="ssd", k=3, max_new_tokens=20, eos_token_id=[], temperature=temperature, seed=1)
+    out = engine.generate(PROMPTS, **kw)
+    if temperature == 0:
+        assert out.tokens == ssd.generate(pair[0], PROMPTS, max_new_tokens=20, eos_token_id=[]).tokens
+    assert all(len(t) == 20 for t in out.tokens) and not engine.draft_failed
