@@ -271,14 +271,15 @@ because $\sum_y \max(0, p(y)-q(y)) = 1 - \sum_y \min(p(y), q(y))$. Given that $x
 applies to the next position, so the whole sequence follows $p$.
 
 We check this on the real models at a real position: the next token after the raw text below, at temperature 1
-with top-k 8 (applied to both models, as `generate(top_k=8)` does), so that the outcomes can be enumerated.
+with a small top-k (applied to both models, as `generate(top_k=...)` does), so that the outcomes can be enumerated.
 First the formula, with `ssd.residual` and `ssd.acceptance_prob`, in float64:
 """),
 code(r"""
 fruit_ids = tok.encode("My favourite fruit is")
+TOP_K = 8
 
 
-def next_token_probs(model, ids, top_k=8):
+def next_token_probs(model, ids, top_k=TOP_K):
     cache = model.new_cache(1, len(ids))
     return ssd.to_probs(ssd.extend(model, cache, [ids])[0, -1].double(), T1.double(), top_k)
 
@@ -288,7 +289,7 @@ support = torch.nonzero((p_full > 0) | (q_full > 0))[:, 0]    # every token eith
 p_x, q_x = p_full[support], q_full[support]
 accept = ssd.acceptance_prob(p_x, q_x)
 exact = q_x * accept + (1 - (q_x * accept).sum()) * ssd.residual(p_x, q_x)
-print(f"{len(support)} tokens have p > 0 or q > 0 here: {[show(t) for t in support.tolist()]}")
+print(f"top-k {TOP_K}: {len(support)} tokens have p > 0 or q > 0 here: {[show(t) for t in support.tolist()]}")
 print(f"acceptance probability sum min(p, q) = {float((q_x * accept).sum()):.3f}")
 print("max |P(first token) - p| < 1e-9:", bool((exact - p_x).abs().max() < 1e-9))
 """, tags=["claim-exact-formula"]),
@@ -353,14 +354,15 @@ for i, (name, counts) in enumerate(runs.items()):
 ax.plot(xs, q_x[order], "x", color="gray", label="draft q")
 ax.set_xticks(xs, [show(t) for t in support[order].tolist()], rotation=45, ha="right")
 ax.set_ylabel("probability of the first emitted token"); ax.legend(fontsize=8)
-ax.set_title(f"Next token after {tok.decode(fruit_ids)!r} (T=1, top-k 8)")
+ax.set_title(f"Next token after {tok.decode(fruit_ids)!r} (T=1, top-k {TOP_K})")
 plt.show()
 """, tags=["claim-sd-distribution"]),
 md(r"""
 The exact rule's histogram sits on the black bars; "always accept" reproduces the draft's $q$ (gray crosses),
-and "resample from p" lands in between: it over-produces the tokens the draft likes, because they are emitted both
-by acceptance *and* by resampling. The real code path is also checked end to end, on the joint distribution of
-several generated tokens and for every SSD proposal source, in `tests/test_exactness.py`.
+and "resample from p" emits $\min(p, q) + P(\text{reject})\,p$: it over-produces the tokens the draft over-rates
+($q > p$), which get emitted both by acceptance *and* by resampling, and under-produces the others.
+The real code path is also checked end to end, on the joint distribution of several generated tokens and for every
+SSD proposal source, in `tests/test_exactness.py`.
 """),
 # ------------------------------------------------------------------------------------------------ 3. SSD
 md(r"""
@@ -398,6 +400,10 @@ plt.show()
 print(f"estimated per-token acceptance a = {a_sd:.3f}")
 """),
 md(r"""
+The model is rough (real text has easy stretches, where whole proposals are accepted, and hard ones where the first
+token fails, and a short run gives a noisy histogram), but the point stands: every outcome $n$ has a fair chance,
+so the draft must prepare for all of them.
+
 **The speculation cache.** During round $t$'s verification, the draft builds a dictionary
 $(n, r) \mapsto (K \text{ tokens}, \text{their } K \text{ distributions } q)$ for round $t+1$. When round $t$ ends,
 the target sends its outcome $(n, r)$; on a **hit** the next proposal is ready at once (no drafting on the critical
@@ -515,7 +521,8 @@ md(r"""
 
 The draft has a budget of $B = \sum_j F_j$ branches per round (its tree passes process $B$ tokens each). How should
 it be split across the outcomes $n = j$? Outcome $j$ occurs with probability $P_j$ (the model above). Suppose the
-chance that $F$ candidates miss the recovery token falls like a power law, $P(\text{miss} \mid F) = F^{-r}$. Minimizing
+chance that $F$ candidates miss the recovery token falls like a power law, $P(\text{miss} \mid F) = F^{-r}$ (this
+$r$ is an exponent, not the recovery token; the paper uses the letter for both). Minimizing
 the expected miss rate $\sum_j P_j F_j^{-r}$ subject to $\sum_j F_j = B$ (a Lagrange multiplier) gives
 $F_j \propto P_j^{1/(1+r)}$, that is
 
@@ -558,7 +565,7 @@ For one position with target $p$, draft $q$, rescaled $q'$ and candidates = top-
 proposed token $s$, everything can be computed exactly:
 acceptance $= \sum_x \min(p(x), q'(x))$, and the probability that a rejection's recovery token is a cached candidate
 (derived in the helper below). We average over the positions of the text generated in section 1, at temperature 1,
-with $F = F_0$ of a geometric split of 12 branches:
+with $F = F_0$ of a geometric split of a smaller budget (the one the measured runs below use):
 """),
 code(r"""
 def saguaro_position_stats(p, q, F, C):
@@ -581,7 +588,8 @@ with torch.no_grad():
     p_text = ssd.to_probs(ssd.extend(target, target.new_cache(1, len(text)), [text])[0, positions].double(), T1.double())
     q_text = ssd.to_probs(ssd.extend(draft, draft.new_cache(1, len(text)), [text])[0, positions].double(), T1.double())
 
-FAN_SWEEP = ssd.geometric_fan_out(K, 12, a_sd, 1.0)   # a budget of 12, also used in the measured runs below
+SWEEP_BUDGET, SWEEP_ROWS = 12, 8                      # also used by the measured runs below
+FAN_SWEEP = ssd.geometric_fan_out(K, SWEEP_BUDGET, a_sd, 1.0)
 F0 = FAN_SWEEP[0]
 C_grid = [1.0, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05]
 exact_acc, exact_hit = [], []
@@ -596,7 +604,7 @@ print(f"(F = {F0}, {len(positions)} positions) acceptance falls as C decreases: 
       f"hit rate at a rejection rises as C decreases: {rises}")
 """, tags=["claim-saguaro-exact"]),
 md(r"""
-Now measured: SSD at temperature 1 on a batch of 8 samples of our prompt, for three values of $C$, with the fan-out
+Now measured: SSD at temperature 1 on a batch of samples of our prompt, for a few values of $C$, with the fan-out
 fixed (so that only $C$ changes) and the synchronous backup on a miss (so that every verified proposal was sampled
 from the draft's $q'$). To compare with the exact numbers, we measure the same two quantities: the per-token
 acceptance $a$, and the hit rate of the rounds that follow a rejection ($n < K$). The runs sample text at
@@ -608,7 +616,7 @@ def hit_after_rejection(result, k):
     # hit rate of the rounds whose key comes from a rejection (previous round: n < K)
     hits = [rd.hit[b] for prev, rd in zip(result.rounds, result.rounds[1:])
             for b, on in enumerate(rd.active) if on and prev.accepted[b] < k]
-    return sum(hits) / len(hits), len(hits)
+    return sum(hits) / max(1, len(hits)), len(hits)
 
 
 def commit_in_bounds(state, *args):
@@ -626,7 +634,7 @@ fan_fixed = FAN_SWEEP
 measured = {}
 for C in [1.0, 0.5, 0.1]:
     with patched("commit", commit_in_bounds) as original_commit:
-        run = ssd.generate(target, [prompt_ids] * 8, draft=draft, mode="ssd", k=K, temperature=1.0, saguaro_c=C,
+        run = ssd.generate(target, [prompt_ids] * SWEEP_ROWS, draft=draft, mode="ssd", k=K, temperature=1.0, saguaro_c=C,
                            fan_out=fan_fixed, backup="jit", max_new_tokens=32, seed=1)
     a_run, _ = estimate_a(run.rounds, K)
     hit_rej, n_keys = hit_after_rejection(run, K)
@@ -641,7 +649,7 @@ axes[0].set_title(f"exact, along the greedy text (F_0 = {F0})", fontsize=10)
 Cs = list(measured)
 axes[1].plot(Cs, [measured[C]["a"] for C in Cs], "o-", label="acceptance a")
 axes[1].plot(Cs, [measured[C]["hit"] for C in Cs], "s-", label="hit rate after a rejection")
-axes[1].set_title(f"measured in SSD runs (T=1, 8 rows, fan-out {fan_fixed})", fontsize=10)
+axes[1].set_title(f"measured in SSD runs (T=1, {SWEEP_ROWS} rows, fan-out {fan_fixed})", fontsize=10)
 for ax in axes:
     ax.set_xlabel("Saguaro constant C"); ax.set_ylim(0, 1); ax.invert_xaxis(); ax.legend(fontsize=8)
 plt.show()
@@ -665,7 +673,7 @@ $$\text{jit: } \frac{E_a}{T_v + (1 - h^b)\,T_{\text{jit}}}, \qquad
 \text{fast: } \frac{h\,E_a + (1-h)\,E_{\text{fast}}}{T_v}, \qquad E_a = \frac{1 - a^{K+1}}{1 - a}$$
 
 ($E_a$: expected tokens per round from draft proposals, $E_{\text{fast}}$: from the cheap ones). We plug in the
-statistics measured in the $C = 1$ run above (batch 8; $E_{\text{fast}}$ from the fast-backup rounds of the greedy run
+statistics measured in the $C = 1$ run above (a batched run; $E_{\text{fast}}$ from the fast-backup rounds of the greedy run
 of section 3), and, for contrast, assumed statistics of a stronger draft, with times in units of $T_v$:
 """),
 code(r"""
@@ -676,10 +684,11 @@ fast_misses = [rd.accepted[0] + 1 for rd in ssd_run.rounds if not rd.hit[0] and 
 scenarios = {
     "measured here": ssd.Estimates(
         k=K, accept_rate=estimate_a(run.rounds, K)[0], hit_rate=st["cache_hit_rate"],
-        t_verify=st["time_s"]["verify"] / st["rounds"], t_jit=sum(jit_times) / len(jit_times),
+        t_verify=st["time_s"]["verify"] / st["rounds"],
+        t_jit=sum(jit_times) / len(jit_times) if jit_times else K * t_draft[1],   # (no miss: K one-token passes)
         tokens_cheap=sum(fast_misses) / len(fast_misses) if fast_misses else 1.2),
-    "a stronger draft (assumed)": ssd.Estimates(k=K, accept_rate=0.8, hit_rate=0.85, t_verify=1.0, t_jit=0.5,
-                                               tokens_cheap=1.2),
+    "a stronger, cheaper draft (assumed)": ssd.Estimates(k=K, accept_rate=0.8, hit_rate=0.9, t_verify=1.0,
+                                                        t_jit=0.2, tokens_cheap=1.2),
 }
 
 
@@ -715,7 +724,7 @@ print("ssd.choose_backup agrees with the two curves at every batch size:", agree
 """, tags=["claim-backup"]),
 md(r"""
 The rule holds $T_v$ fixed across batch sizes, which is close to true on a GPU at small batch but not on this CPU
-(the measured $T_v$ is the batch-8 one). The fewer misses and the cheaper the jit relative to the verify, the longer
+(the measured $T_v$ is the batched run's). The fewer misses and the cheaper the jit relative to the verify, the longer
 jit stays worth it; as the batch grows, some row almost always misses, and the whole batch would wait for it.
 `generate(backup="auto")` makes this choice every round from its running estimates; the greedy run of section 3
 recorded its choices in `ssd_stats["backups"]`.

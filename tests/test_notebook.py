@@ -1,0 +1,257 @@
+"""tutorial.ipynb: it is what scripts/build_tutorial.py writes, it executes top to bottom without errors, and the
+claims it makes are computed by its cells (tagged `claim-*`), not only asserted in prose. The facts behind the
+exercise answers are checked here too, directly against ssd.py."""
+import importlib.util
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ssd
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "tutorial.ipynb"
+
+
+def load_builder():
+    spec = importlib.util.spec_from_file_location("build_tutorial", ROOT / "scripts" / "build_tutorial.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cell_text(cell) -> str:
+    """Everything a code cell printed or displayed as text/markdown."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if out["output_type"] == "stream":
+            parts.append(out["text"])
+        elif out["output_type"] in ("display_data", "execute_result"):
+            parts.append(out["data"].get("text/markdown", "") or out["data"].get("text/plain", ""))
+    return "".join(parts)
+
+
+def tagged(nb, tag):
+    cells = [c for c in nb.cells if tag in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"expected one cell tagged {tag}, found {len(cells)}"
+    return cell_text(cells[0])
+
+
+# Each claim the notebook's prose relies on, as a line its tagged cell must print.
+CLAIMS = {
+    "claim-greedy-equal": [r"greedy SD == AR: True"],
+    "claim-greedy-ssd-equal": [r"greedy SSD == AR: True"],
+    "claim-exact-formula": [r"max \|P\(first token\) - p\| < 1e-9: True"],
+    "claim-sd-distribution": [r"SD \(exact rule\) matches the target: True",
+                              r"always accept matches the target: False",
+                              r"resample from p matches the target: False"],
+    "claim-fan-out": [r"every allocation spends exactly the budget: True"],
+    "claim-saguaro-exact": [r"acceptance falls as C decreases: True",
+                            r"hit rate at a rejection rises as C decreases: True"],
+    "claim-backup": [r"ssd\.choose_backup agrees with the two curves at every batch size: True"],
+    "claim-speedup-formula": [r"tokens per round within 25% of the geometric model: True",
+                              r"tokens per second within 25% of the formula: True"],
+}
+
+
+def check_claims(nb):
+    for tag, patterns in CLAIMS.items():
+        text = tagged(nb, tag)
+        for pattern in patterns:
+            assert re.search(pattern, text), f"cell {tag} does not print {pattern!r}; it printed:\n{text}"
+
+
+# --------------------------------------------------------------------------------------------- the committed file
+
+def test_committed_notebook_is_the_build_scripts_output():
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    built = load_builder().build()
+    assert [(c.cell_type, c.source) for c in nb.cells] == [(c.cell_type, c.source) for c in built.cells], \
+        "tutorial.ipynb differs from scripts/build_tutorial.py: run `python scripts/build_tutorial.py`"
+    for cell, fresh in zip(nb.cells, built.cells):
+        assert cell.metadata.get("tags") == fresh.metadata.get("tags")
+
+
+def test_committed_notebook_has_its_outputs_and_no_errors():
+    """So that it reads well on a code host: every code cell ran, in order, and the claims are in the outputs."""
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    assert not [o for c in code for o in c.outputs if o["output_type"] == "error"]
+    assert sum("image/png" in o.get("data", {}) for c in code for o in c.outputs) >= 8  # the pictures
+    check_claims(nb)
+    answers = [c for c in code if c.metadata.get("jupyter", {}).get("source_hidden")]
+    assert len(answers) >= 3, "exercise answers live in collapsed cells"
+
+
+def test_prose_states_no_typed_results():
+    """Markdown cells explain; numbers that are results are printed by code. Allowed in prose: formulas, indices,
+    section numbers, and the paper's arXiv id."""
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "markdown":
+            continue
+        text = re.sub(r"\$\$.*?\$\$|\$[^$]*\$|`[^`]*`", "", cell.source, flags=re.S)   # formulas, code
+        text = re.sub(r"arXiv \d+\.\d+|[Ss]ections? \d(\.\d)?(-\d)?|[Ee]xercises? \d|[Ss]teps? \d|^#+ \d(\.\d)?|"
+                      r"\b(19|20)\d\d\b|^\d\. ", "", text, flags=re.M)   # references, years, list items
+        numbers = re.findall(r"(?<![\w.\-])\d+(?:\.\d+)?%?(?![\w\-])", text)   # not part of a name (SmolLM2-135M)
+        numbers = [x for x in numbers if x not in ("0", "1")]         # temperature 0/1, n = 0: settings, not results
+        assert not numbers, f"markdown states numbers {numbers} (print them from a cell):\n{cell.source[:300]}"
+
+
+# --------------------------------------------------------------------------------------------- execution
+
+@pytest.mark.slow
+def test_notebook_executes_and_computes_its_claims(tmp_path):
+    """Run the committed notebook with Jupyter's own machinery (nbclient, python3 kernel, cwd = repository root)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    client = nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3",
+                                     resources={"metadata": {"path": str(ROOT)}})
+    t0 = time.perf_counter()
+    client.execute()                      # raises CellExecutionError on the first failing cell
+    elapsed = time.perf_counter() - t0
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o["output_type"] == "error"]
+    check_claims(nb)
+    nbformat.write(nb, tmp_path / "executed.ipynb")
+    print(f"notebook executed in {elapsed:.0f} s")
+
+
+# --------------------------------------------------------------------------------------------- exercise answers
+
+def random_dists(rows, vocab, seed, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(rows, vocab, generator=g, dtype=torch.float64) * scale, -1)
+    q = torch.softmax(torch.randn(rows, vocab, generator=g, dtype=torch.float64) * scale, -1)
+    return p, q
+
+
+def test_exercise_1_deterministic_proposal_is_exact():
+    """q = one-hot(x): accept with p(x), else sample p with x removed; the emitted token follows p."""
+    p, _ = random_dists(20, 12, seed=0)
+    for row in p:
+        for x in range(12):
+            onehot = torch.nn.functional.one_hot(torch.tensor(x), 12).double()
+            accept = ssd.acceptance_prob(row[x], torch.tensor(1.0, dtype=torch.float64))
+            assert torch.isclose(accept, row[x])
+            rejection = ssd.residual(row, onehot)
+            expected = row.clone()
+            expected[x] = 0
+            assert torch.allclose(rejection, expected / expected.sum())
+            assert torch.allclose(accept * onehot + (1 - accept) * rejection, row)
+
+
+def test_exercise_1_verify_with_a_deterministic_proposal_samples_p():
+    """The same through ssd.verify, sampled: the first emitted token after a fixed proposal follows p."""
+    p, _ = random_dists(1, 6, seed=1, scale=1.0)
+    rows, x = 200_000, 2
+    P = p.float().expand(rows, 2, -1)
+    Q = torch.nn.functional.one_hot(torch.full((rows, 1), x), 6).float()
+    n, r = ssd.verify(P, Q, torch.full((rows, 1), x), torch.Generator().manual_seed(0))
+    first = torch.where(n == 1, torch.full_like(r, x), r)
+    freq = torch.bincount(first, minlength=6).double() / rows
+    assert (freq - p[0]).abs().max() < 0.005                          # ~4 standard errors at 200k samples
+
+
+def test_exercise_2_rejected_token_has_no_residual_mass():
+    """The fork excludes s_(j+1) because a rejected token can never be the recovery token."""
+    p, q = random_dists(2000, 50, seed=2)
+    can_reject = ssd.acceptance_prob(p, q) < 1
+    assert can_reject.any() and (~can_reject).any()
+    assert ssd.residual(p, q)[can_reject].abs().max() == 0
+    # greedy: the recovery is argmax p, which differs from any rejected (non-argmax) proposal
+    pg = ssd.to_probs(torch.randn(50, 30, generator=torch.Generator().manual_seed(3)), torch.zeros(50))
+    proposal = torch.randint(0, 30, (50,), generator=torch.Generator().manual_seed(4))
+    rejected = pg.gather(-1, proposal[:, None])[:, 0] < 1
+    assert (ssd.residual(pg, torch.nn.functional.one_hot(proposal, 30).float()).argmax(-1)[rejected]
+            != proposal[rejected]).all()
+
+
+def saguaro_stats(p, q, F, C):
+    """Exact acceptance and P(recovery is a cached candidate | rejection), by enumerating proposals s."""
+    q2 = ssd.saguaro_rescale(q, F, C)
+    acc = torch.minimum(p, q2).sum(-1)
+    res = ssd.residual(p, q2)
+    order = q.argsort(-1, descending=True)
+    hit = torch.zeros(p.shape[0], dtype=p.dtype)
+    for s in range(p.shape[-1]):                                       # propose s, reject it, then sample res
+        reject_s = (q2[:, s] - p[:, s]).clamp_min(0)
+        cands = torch.stack([row[row != s][:F] for row in order])     # the fork: top-F of q without s
+        hit += reject_s * res.gather(-1, cands).sum(-1)
+    return acc, hit / (1 - acc)
+
+
+def test_exercise_3_saguaro_trades_acceptance_for_hits():
+    """Smaller C: lower acceptance, higher hit rate at a rejection (for a draft close to the target)."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(200, 40, generator=g, dtype=torch.float64) * 2.5
+    p = torch.softmax(logits, -1)
+    q = torch.softmax(logits + 0.7 * torch.randn(200, 40, generator=g, dtype=torch.float64), -1)
+    F = 3
+    stats = [saguaro_stats(p, q, F, C) for C in (1.0, 0.5, 0.1, 0.01)]
+    accs = [float(a.mean()) for a, _ in stats]
+    hits = [float((h * (1 - a)).sum() / (1 - a).sum()) for a, h in stats]
+    assert all(x > y for x, y in zip(accs, accs[1:])), accs
+    assert all(x < y for x, y in zip(hits, hits[1:])), hits
+
+
+def test_exercise_3_notebook_helper_matches_enumeration():
+    """The closed form in the notebook's saguaro_position_stats equals brute-force enumeration."""
+    source = "\n".join(src for kind, src, _ in load_builder().CELLS if "def saguaro_position_stats" in src)
+    namespace = {"ssd": ssd, "torch": torch}
+    exec(source.split("\n\n\ntext = ")[0], namespace)                  # just the helper's definition
+    p, q = random_dists(64, 25, seed=6)
+    for F in (1, 3, 7):
+        for C in (1.0, 0.3, 0.05):
+            acc, hit_and_reject, reject = namespace["saguaro_position_stats"](p, q, F, C)
+            acc_ref, hit_ref = saguaro_stats(p, q, F, C)
+            assert torch.allclose(acc, acc_ref) and torch.allclose(reject, 1 - acc_ref)
+            assert torch.allclose(hit_and_reject, hit_ref * (1 - acc_ref), atol=1e-12)
+
+
+def e_tokens(a, k):
+    return (1 - a ** (k + 1)) / (1 - a)
+
+
+def test_exercise_4_tokens_per_round_and_best_k():
+    for a in (0.1, 0.5, 0.9):
+        for k in (1, 4, 8):
+            outcome = [a ** j * (1 - a) for j in range(k)] + [a ** k]
+            assert abs(sum(outcome) - 1) < 1e-12
+            assert abs(sum((j + 1) * pj for j, pj in enumerate(outcome)) - e_tokens(a, k)) < 1e-12
+    # Monte Carlo of the round itself
+    g = torch.Generator().manual_seed(7)
+    a, k = 0.7, 4
+    accepted = (torch.rand(400_000, k, generator=g) < a).long().cumprod(-1).sum(-1)
+    assert abs(float((accepted + 1).double().mean()) - e_tokens(a, k)) < 0.01
+
+    def best_k(a, c):
+        return max(range(1, 16), key=lambda k: e_tokens(a, k) / (k * c + 1))
+    assert best_k(0.5, 0.2) == 1
+    assert best_k(0.8, 0.05) == 8
+
+
+def test_exercise_5_geometric_fan_out_is_the_rounded_optimum():
+    K, B = 4, 20
+    for a in (0.2, 0.5, 0.8, 0.95):
+        for r in (0.5, 1.0, 2.0):
+            probs = [a ** j * (1 - a) for j in range(K)] + [a ** K]
+            w = [pj ** (1 / (1 + r)) for pj in probs]
+            ideal = [B * x / sum(w) for x in w]
+            fan = ssd.geometric_fan_out(K, B, a, r)
+            assert sum(fan) == B and all(abs(f - x) < 1 for f, x in zip(fan, ideal))
+            # its expected miss rate sum_j P_j F_j^-r is close to the continuous optimum's (a lower bound)
+            def miss(f):
+                return sum(pj * min(1.0, fj ** -r) if fj > 0 else pj for pj, fj in zip(probs, f))
+            assert miss(ideal) <= miss(fan) <= 1.1 * miss(ideal), (a, r, fan, ideal)
