@@ -527,6 +527,10 @@ def commit(state: State, proposal, n, r_new, max_new_tokens, eos_ids, context_li
         if not state.done[b]:
             state.tokens[b] += proposal[b, :n_b].tolist() + [int(r_new[b])]
             finish_check(state, b, max_new_tokens, eos_ids, context_limit, k)
+        if state.done[b]:  # a row cut short (EOS, max_new_tokens) keeps only its tokens' KV
+            for cache in (state.target_cache, state.draft_cache):
+                if cache is not None:
+                    cache.lens[b] = min(cache.lens[b], len(state.tokens[b]) - 1)
 
 
 def finish_check(state, b, max_new_tokens, eos_ids, context_limit, k):

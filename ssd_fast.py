@@ -95,7 +95,8 @@ class FastModel:
         self.lm_head = self.embed if cfg.tie_word_embeddings else w(model.lm_head.weight)
         self.norm = w(model.model.norm.weight)
         inv_freq, scale = ssd.rope_inv_freq(cfg)
-        angles = torch.arange(cfg.max_position_embeddings + 64, dtype=torch.float64)[:, None] * inv_freq
+        # Tree branches run up to 2K positions past the context: room for K up to 512.
+        angles = torch.arange(cfg.max_position_embeddings + 1024, dtype=torch.float64)[:, None] * inv_freq
         self.cos = (angles.cos() * scale).float().to(device)
         self.sin = (angles.sin() * scale).float().to(device)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)

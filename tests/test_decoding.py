@@ -117,3 +117,13 @@ def test_mismatched_vocabulary(checkpoint):
     b, _ = checkpoint(name="b", vocab_size=101)
     with pytest.raises(ValueError, match="vocabulary"):
         ssd.generate(ssd.load_model(a), [1, 2], draft=ssd.load_model(b), mode="sd")
+
+
+def test_rows_cut_short_mid_round_in_a_batch(tiny_pair):
+    """A row that reaches max_new_tokens inside a round rides along frozen: its cache must not grow
+    (this once wrote past the KV cache)."""
+    target, draft = tiny_pair
+    for mode, k in (("ssd", 4), ("sd", 6)):
+        out = ssd.generate(target, [PROMPTS[2]] * 8, draft=target, draft_temperature=1.3, mode=mode, k=k,
+                           temperature=1.0, max_new_tokens=32, seed=1, eos_token_id=[], backup="jit")
+        assert all(len(t) == 32 for t in out.tokens)

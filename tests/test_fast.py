@@ -208,3 +208,10 @@ def test_gpu_concurrent_stream_matches_sequential(pair, temperature):
     if temperature == 0:
         assert out.tokens == ssd.generate(pair[0], PROMPTS, max_new_tokens=20, eos_token_id=[]).tokens
     assert all(len(t) == 20 for t in out.tokens) and not engine.draft_failed
+
+
+def test_fast_rows_cut_short_mid_round(cpu_engine):
+    for mode, k in (("ssd", 4), ("sd", 6)):
+        out = cpu_engine.generate([PROMPTS[2]] * 8, mode=mode, k=k, temperature=1.0, draft_temperature=1.3,
+                                  max_new_tokens=32, seed=1, eos_token_id=[], backup="jit")
+        assert all(len(t) == 32 for t in out.tokens)
