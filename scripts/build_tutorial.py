@@ -619,23 +619,11 @@ def hit_after_rejection(result, k):
     return sum(hits) / max(1, len(hits)), len(hits)
 
 
-def commit_in_bounds(state, *args):
-    # Workaround for an ssd.py bug: when a batch row finishes in the middle of a round's accepted tokens (at
-    # max_new_tokens), its cache lengths are not cut back with its tokens, and the frozen row's next verify can
-    # write past the end of the KV cache. Finished rows are frozen, so shortening their lengths changes no output.
-    original_commit(state, *args)
-    for b, done in enumerate(state.done):
-        if done:
-            state.target_cache.lens[b] = min(state.target_cache.lens[b], len(state.tokens[b]) - 1)
-            state.draft_cache.lens[b] = min(state.draft_cache.lens[b], state.target_cache.lens[b])
-
-
 fan_fixed = FAN_SWEEP
 measured = {}
 for C in [1.0, 0.5, 0.1]:
-    with patched("commit", commit_in_bounds) as original_commit:
-        run = ssd.generate(target, [prompt_ids] * SWEEP_ROWS, draft=draft, mode="ssd", k=K, temperature=1.0, saguaro_c=C,
-                           fan_out=fan_fixed, backup="jit", max_new_tokens=32, seed=1)
+    run = ssd.generate(target, [prompt_ids] * SWEEP_ROWS, draft=draft, mode="ssd", k=K, temperature=1.0, saguaro_c=C,
+                       fan_out=fan_fixed, backup="jit", max_new_tokens=32, seed=1)
     a_run, _ = estimate_a(run.rounds, K)
     hit_rej, n_keys = hit_after_rejection(run, K)
     measured[C] = dict(run=run, a=a_run, hit=hit_rej, keys=n_keys)
