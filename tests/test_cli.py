@@ -1,22 +1,44 @@
-"""The command line of the reference: flags, JSON output, and one clear line for each bad input."""
+"""The command line (cli.py) of ssd.py and ssd_fast.py, on tiny random checkpoints with SmolLM2's tokenizer.
+
+Most checks call `cli.run(argv, backend)` in-process (capsys holds stdout and stderr); a few run the real
+programs as subprocesses: streaming, the interactive loop through a pipe, Ctrl-C, a bad path, and the
+README's command with the embedded models."""
+import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+import cli
 import embedded
 import ssd
 from conftest import ROOT, make_checkpoint
 
 VOCAB = 49152  # the embedded tokenizer's, so the tiny models can use its files
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+
+
+def _link_checkpoint(src, dst, skip=()):
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name not in skip:
+            os.symlink(f, dst / f.name)
+    return dst
 
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-    """Tiny random target and draft with SmolLM2's tokenizer files, and a draft of another vocabulary."""
+    """Tiny random target and draft with SmolLM2's tokenizer files, a draft of another vocabulary, a config of
+    an unsupported architecture, and the target without a chat template (a base model)."""
     root = tmp_path_factory.mktemp("cli")
     tok_src = embedded.ensure_target(progress=False)
     dirs = {}
@@ -27,75 +49,460 @@ def tiny_dirs(tmp_path_factory):
             for f in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(tok_src / f, path / f)
         dirs[name] = str(path)
+    (root / "gpt2").mkdir()
+    (root / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                                                           "vocab_size": VOCAB}))
+    dirs["gpt2"] = str(root / "gpt2")
+    base = _link_checkpoint(root / "target", root / "base", skip=("tokenizer_config.json",))
+    tok_cfg = json.loads((tok_src / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    dirs["base"] = str(base)
     return dirs
 
 
-def run_cli(capsys, *argv):
-    rc = ssd.cli(list(argv))
+@pytest.fixture(scope="module")
+def tok(tiny_dirs):
+    return embedded.load_tokenizer(tiny_dirs["target"])
+
+
+def run_cli(capsys, *argv, backend="reference"):
+    rc = cli.run([str(a) for a in argv], backend=backend)
     out, err = capsys.readouterr()
     return rc, out, err
 
 
-def test_json_output_schema_and_modes_agree(tiny_dirs, capsys):
+def run_json(capsys, *argv, backend="reference"):
+    rc, out, err = run_cli(capsys, *argv, "--json", backend=backend)
+    assert rc == 0, err
+    return json.loads(out)
+
+
+def pair(d, draft="target"):
+    """--target and --draft flags. By default the draft is the target itself: every token is accepted at
+    temperature 0, K+1 tokens a round, so there are few rounds and the tests stay quick on a CPU."""
+    return ["--target", d["target"], "--draft", d[draft]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: JSON schema, streaming, batches, the summary line
+# ---------------------------------------------------------------------------------------------
+
+def test_json_schema_and_every_mode_and_backend_agree(tiny_dirs, capsys):
     outputs = {}
-    for mode in ("ar", "sd", "ssd"):
-        rc, out, _ = run_cli(capsys, "--prompt", "Hello there", "--target", tiny_dirs["target"], "--draft",
-                             tiny_dirs["draft"], "--mode", mode, "--k", "3", "--max-new-tokens", "12", "--json")
-        assert rc == 0
-        data = json.loads(out)
-        assert set(data) >= {"prompts", "token_ids", "text", "finish_reasons", "stats", "rounds"}
-        assert set(data["stats"]) >= {"mode", "k", "tokens_per_round", "acceptance_rate", "cache_hit_rate", "time_s"}
-        assert len(data["token_ids"][0]) == 12 and isinstance(data["text"][0], str)
-        outputs[mode] = data["token_ids"]
-    assert outputs["ar"] == outputs["sd"] == outputs["ssd"]
+    for backend, mode in [("reference", "ar"), ("reference", "sd"), ("reference", "ssd"), ("fast", "ssd")]:
+        data = run_json(capsys, "--prompt", "Hello there", *pair(tiny_dirs), "--mode", mode, "--k", "3",
+                        "--max-new-tokens", "7", "--no-chat", backend=backend)
+        assert set(data) >= {"prompts", "prompt_ids", "token_ids", "text", "finish_reasons", "stats", "rounds",
+                             "devices", "models", "backend", "chat", "settings"}
+        assert set(data["stats"]) >= {"mode", "k", "generated_tokens", "tokens_per_round", "acceptance_rate",
+                                      "cache_hit_rate", "time_s", "prefill_s", "decode_s", "tokens_per_s"}
+        assert data["prompts"] == ["Hello there"] and data["backend"] == backend and data["chat"] is False
+        assert len(data["token_ids"][0]) == 7 and isinstance(data["text"][0], str)
+        assert data["finish_reasons"] == ["length"] and data["stats"]["mode"] == mode
+        assert data["devices"] == {"target": "cpu", "draft": None if mode == "ar" else "cpu"}
+        assert data["models"]["target"] == tiny_dirs["target"]
+        assert data["models"]["draft"] == (None if mode == "ar" else tiny_dirs["target"])
+        assert data["rounds"] and set(data["rounds"][0]) >= {"accepted", "hit", "backup", "fan_out", "times", "active"}
+        assert (data["stats"]["cache_hit_rate"] is None) == (mode != "ssd")
+        outputs[backend, mode] = data["token_ids"]
+    assert len({json.dumps(t) for t in outputs.values()}) == 1     # greedy: every mode, both engines, same tokens
 
 
-def test_batch_of_prompts_and_sampling_flags(tiny_dirs, capsys):
-    rc, out, _ = run_cli(capsys, "--prompt", "a", "--prompt", "a much longer prompt than the first", "--target",
-                         tiny_dirs["target"], "--draft", tiny_dirs["draft"], "--temperature", "0.8",
-                         "--top-p", "0.9", "--top-k", "50", "--fan-out", "2", "--saguaro-c", "0.5", "--seed", "7",
-                         "--max-new-tokens", "6", "--json")
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_max_new_tokens_is_exact_in_every_mode(tiny_dirs, capsys, backend):
+    for mode in ("ar", "sd", "ssd"):   # K=3 with draft = target: rounds of 4 tokens, and 6 is not a multiple of 4
+        data = run_json(capsys, "--prompt", "Hi", *pair(tiny_dirs, "target"), "--mode", mode, "--k", "3",
+                        "--max-new-tokens", "6", "--no-chat", backend=backend)
+        assert [len(t) for t in data["token_ids"]] == [6] and data["finish_reasons"] == ["length"], mode
+        if mode != "ar":
+            assert data["stats"]["tokens_per_round"] > 1
+
+
+def test_streaming_prints_text_as_rounds_are_accepted(tiny_dirs, capsys, monkeypatch):
+    """stdout grows round by round, and ends as prompt + the final text + one summary line."""
+    args = ["--prompt", "Hello there", *pair(tiny_dirs, "target"), "--mode", "sd", "--k", "2", "--max-new-tokens",
+            "9", "--no-chat"]
+    expected = run_json(capsys, *args)["text"][0]
+    seen, generate = [], ssd.generate
+
+    def spy(*a, on_round=None, **kw):
+        def record(tokens, stats):
+            stop = on_round(tokens, stats)
+            seen.append(sys.stdout.getvalue())
+            return stop
+        return generate(*a, on_round=record, **kw)
+    monkeypatch.setattr(ssd, "generate", spy)
+    rc, out, err = run_cli(capsys, *args)
+    assert rc == 0, err
+    assert len(seen) == 3 and all(a == b[:len(a)] for a, b in zip(seen, seen[1:]))   # appended, never rewritten
+    assert len(set(seen)) > 1 and seen[0].startswith("Hello there") and len(seen[0]) > len("Hello there")
+    text, summary = out.rsplit("\n", 2)[:2]
+    assert text == "Hello there" + expected
+    assert summary.startswith("[") and "tokens/round" in summary and "target on cpu, draft on cpu" in summary
+
+
+def test_streaming_subprocess_matches_json(tiny_dirs, capsys):
+    """The real program: streamed stdout is the prompt and the text --json reports, then one summary line."""
+    args = ["--prompt", "Hello there", *pair(tiny_dirs, "target"), "--k", "3", "--max-new-tokens", "10", "--no-chat"]
+    expected = run_json(capsys, *args, backend="fast")["text"][0]
+    proc = subprocess.run([sys.executable, str(ROOT / "ssd_fast.py"), *args], capture_output=True, cwd=ROOT, env=ENV,
+                          timeout=300)
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert out.startswith("Hello there" + expected + "\n")
+    summary = out[len("Hello there" + expected + "\n"):]
+    assert summary.count("\n") == 1 and summary.startswith("[") and summary.endswith("]\n")
+    for part in ("tok/s", "tokens/round", "acceptance", "cache hit rate", "target on cpu, draft on cpu"):
+        assert part in summary
+    assert "Traceback" not in err and "ready in" in err
+
+
+def test_prompt_file_and_several_prompts_run_a_batch(tiny_dirs, capsys, tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("first prompt\n\n   \nsecond prompt\n", encoding="utf-8")
+    common = ["--prompt", "zero", "--prompt-file", path, "--target", tiny_dirs["target"], "--mode", "ar",
+              "--max-new-tokens", "3", "--no-chat"]
+    data = run_json(capsys, *common)
+    assert data["prompts"] == ["zero", "first prompt", "second prompt"]
+    assert [len(t) for t in data["token_ids"]] == [3, 3, 3]
+    rc, out, _ = run_cli(capsys, *common)
+    heads = ["--- [1/3] zero ---\n", "--- [2/3] first prompt ---\n", "--- [3/3] second prompt ---\n"]
+    assert rc == 0 and out.startswith(heads[0]) and out.index(heads[1]) < out.index(heads[2])
+    second = out.split(heads[1])[1].split(heads[2])[0]
+    assert second == "first prompt" + data["text"][1] + "\n"          # without chat, the prompt is echoed
+    assert out.endswith("\n") and out.rsplit("\n", 2)[1].startswith("[9 tokens")
+
+
+def test_chat_template_is_the_default_for_instruct_models(tiny_dirs, capsys, tok):
+    common = ["--prompt", "Hi there", "--target", tiny_dirs["target"], "--mode", "ar", "--max-new-tokens", "1"]
+    default, chat, raw = (run_json(capsys, *common, *extra) for extra in ([], ["--chat"], ["--no-chat"]))
+    templated = tok.apply_chat_template([{"role": "user", "content": "Hi there"}])
+    assert default["prompt_ids"] == chat["prompt_ids"] == [templated] and default["chat"] is True
+    assert raw["prompt_ids"] == [tok.encode("Hi there")] and raw["chat"] is False
+    base = run_json(capsys, "--prompt", "Hi there", "--target", tiny_dirs["base"], "--mode", "ar",
+                    "--max-new-tokens", "1")                     # no chat template: raw text by default
+    assert base["prompt_ids"] == raw["prompt_ids"] and base["chat"] is False
+    rc, out, _ = run_cli(capsys, "--help")
+    assert rc == 0 and "--no-chat" in out and "default when the target's tokenizer has one" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_help_lists_every_flag(capsys, backend):
+    rc, out, _ = run_cli(capsys, "--help", backend=backend)
+    assert rc == 0 and out.startswith(f"usage: {cli.PROGRAMS[backend]}")
+    for flag in ("--prompt", "--prompt-file", "--interactive", "--chat", "--no-chat", "--json", "--mode", "--k",
+                 "--fan-out", "--saguaro-c", "--backup", "--temperature", "--draft-temperature", "--top-p",
+                 "--top-k", "--max-new-tokens", "--stop", "--seed", "--target", "--draft", "--device", "--gpus",
+                 "--dtype", "--profile", "--no-cuda-graphs"):
+        assert flag in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling flags
+# ---------------------------------------------------------------------------------------------
+
+def test_seed_temperature_top_k_top_p(tiny_dirs, capsys):
+    def ids(*extra):
+        return run_json(capsys, "--prompt", "Hello there", "--target", tiny_dirs["target"], "--mode", "ar",
+                        "--max-new-tokens", "6", "--no-chat", *extra)["token_ids"]
+    greedy = ids()
+    sampled = ids("--temperature", "1", "--seed", "1")
+    assert sampled == ids("--temperature", "1", "--seed", "1")     # the seed makes runs repeatable
+    assert sampled != greedy                                        # temperature changes the output
+    assert sampled != ids("--temperature", "1", "--seed", "2")
+    assert ids("--temperature", "1", "--seed", "1", "--top-k", "1") == greedy      # top-1 is greedy
+    assert ids("--temperature", "1", "--seed", "1", "--top-p", "1e-6") == greedy   # so is a tiny nucleus
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_ssd_flags_batch_and_repeatability(tiny_dirs, capsys, backend):
+    args = ["--prompt", "a", "--prompt", "a much longer prompt than the first", *pair(tiny_dirs), "--temperature",
+            "0.8", "--draft-temperature", "0.5", "--top-p", "0.9", "--top-k", "50", "--k", "2", "--fan-out", "2",
+            "--saguaro-c", "0.5", "--backup", "jit", "--seed", "7", "--max-new-tokens", "5", "--no-chat",
+            "--device", "cpu", "--dtype", "float32", "--no-cuda-graphs"]
+    data = run_json(capsys, *args, backend=backend)
+    assert len(data["token_ids"]) == 2 and all(len(t) == 5 for t in data["token_ids"])
+    assert data["stats"]["k"] == 2 and data["settings"]["saguaro_c"] == 0.5
+    assert all(r["fan_out"] == [2, 2, 2] for r in data["rounds"])                # --fan-out F: F per outcome
+    assert {r["backup"] for r in data["rounds"]} <= {None, "jit"} and data["stats"]["backups"]["fast"] == 0
+    assert run_json(capsys, *args, backend=backend)["token_ids"] == data["token_ids"]
+
+
+def test_no_cuda_graphs_is_a_note_for_the_reference(tiny_dirs, capsys):
+    rc, _, err = run_cli(capsys, "--prompt", "x", "--target", tiny_dirs["target"], "--mode", "ar", "--max-new-tokens",
+                         "1", "--no-cuda-graphs", "--dtype", "bfloat16", "--json")
+    assert rc == 0 and "never uses CUDA graphs" in err and "bfloat16" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop conditions: stop strings, EOS, max tokens, Ctrl-C
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_stop_string_cuts_text_and_stops_the_row(tiny_dirs, capsys, tok, backend):
+    common = ["--prompt", "Hello there", *pair(tiny_dirs, "target"), "--mode", "sd", "--k", "2", "--no-chat"]
+    full = run_json(capsys, *common, "--max-new-tokens", "12", backend=backend)
+    ids, text = full["token_ids"][0], full["text"][0]
+    start = len(tok.decode(ids[:4]))
+    stop = text[start:start + 3]
+    cut = text[:text.find(stop)]
+    data = run_json(capsys, *common, "--max-new-tokens", "12", f"--stop={stop}", "--stop", "never appears",
+                    backend=backend)
+    assert data["text"] == [cut] and data["finish_reasons"] == ["stop"]
+    assert len(data["token_ids"][0]) < 12 and stop in tok.decode(data["token_ids"][0])     # ids up to the stop
+    assert data["token_ids"][0] == ids[:len(data["token_ids"][0])]
+    rc, out, _ = run_cli(capsys, *common, "--max-new-tokens", "12", f"--stop={stop}", backend=backend)
+    assert rc == 0 and out.startswith("Hello there" + cut + "\n[") and stop not in out.split("\n[")[0][11:]
+
+
+def test_eos_ends_the_row_and_is_never_printed(tiny_dirs, capsys, tok, tmp_path):
+    common = ["--prompt", "Hello there", "--mode", "ar", "--max-new-tokens", "8", "--no-chat"]
+    ids = run_json(capsys, *common, "--target", tiny_dirs["target"])["token_ids"][0]
+    assert ids[2] not in ids[:2]
+    model = _link_checkpoint(Path(tiny_dirs["target"]), tmp_path / "eos", skip=("generation_config.json",))
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids[2]]}))
+    data = run_json(capsys, *common, "--target", model)
+    assert data["token_ids"] == [ids[:3]] and data["finish_reasons"] == ["eos"]
+    assert data["text"] == [tok.decode(ids[:2])]
+    rc, out, _ = run_cli(capsys, *common, "--target", model)
+    assert rc == 0 and out.startswith("Hello there" + tok.decode(ids[:2]) + "\n[3 tokens")
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_ctrl_c_keeps_what_was_generated(tiny_dirs, capsys, monkeypatch, backend):
+    """Ctrl-C in the third round: the two tokens so far are printed, the reason is "interrupted", status 130."""
+    import ssd_fast
+    owner, name = (ssd.ROUNDS, "ar") if backend == "reference" else (ssd_fast.Engine, "_ar_round")
+    original, calls = (owner[name] if isinstance(owner, dict) else getattr(owner, name)), []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*a, **kw)
+    if isinstance(owner, dict):
+        monkeypatch.setitem(owner, name, interrupted)
+    else:
+        monkeypatch.setattr(owner, name, interrupted)
+    common = ["--prompt", "Hello there", "--target", tiny_dirs["target"], "--mode", "ar", "--max-new-tokens", "8",
+              "--no-chat"]
+    rc, out, err = run_cli(capsys, *common, "--json", backend=backend)
     data = json.loads(out)
-    assert rc == 0 and len(data["token_ids"]) == 2 and all(len(t) == 6 for t in data["token_ids"])
-    rc2, out2, _ = run_cli(capsys, "--prompt", "a", "--prompt", "a much longer prompt than the first", "--target",
-                           tiny_dirs["target"], "--draft", tiny_dirs["draft"], "--temperature", "0.8",
-                           "--top-p", "0.9", "--top-k", "50", "--fan-out", "2", "--saguaro-c", "0.5", "--seed", "7",
-                           "--max-new-tokens", "6", "--json")
-    assert json.loads(out2)["token_ids"] == data["token_ids"]     # the seed makes runs repeatable
+    assert rc == 130 and data["finish_reasons"] == ["interrupted"] and len(data["token_ids"][0]) == 3
+    calls.clear()
+    rc, out, err = run_cli(capsys, *common, backend=backend)
+    assert rc == 130 and out.startswith("Hello there" + data["text"][0] + "\n[3 tokens") and "interrupted" in err
 
 
-@pytest.mark.parametrize("args,message", [
+def test_ctrl_c_during_start_up(tiny_dirs, capsys, monkeypatch):
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ssd, "load_pair", interrupted)
+    rc, out, err = run_cli(capsys, "--prompt", "x", "--target", tiny_dirs["target"], "--mode", "ar")
+    assert rc == 130 and out == "" and err.strip() == "interrupted"
+
+
+def test_sigint_subprocess_prints_what_was_generated(tiny_dirs):
+    """A real Ctrl-C (SIGINT) while the reference streams: the text so far, the summary, status 130."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "ssd.py"), "--prompt", "Hi", "--no-chat",
+                             *pair(tiny_dirs, "draft"),   # a random draft: slow SSD rounds, time to interrupt
+                             "--k", "2", "--max-new-tokens", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, env=ENV)
+    os.set_blocking(proc.stdout.fileno(), False)
+    streamed, deadline = b"", time.time() + 120
+    while len(streamed) < len("Hi") + 10 and time.time() < deadline and proc.poll() is None:
+        streamed += proc.stdout.read() or b""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    os.set_blocking(proc.stdout.fileno(), True)
+    out, err = proc.communicate(timeout=120)
+    out = (streamed + out).decode()
+    assert proc.returncode == 130, err.decode()
+    assert out.startswith("Hi") and out.splitlines()[-1].startswith("[") and "interrupted" in err.decode()
+    assert "Traceback" not in err.decode()
+
+
+# ---------------------------------------------------------------------------------------------
+# The timeline and the interactive loop
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_profile_writes_a_chrome_trace(tiny_dirs, capsys, tmp_path, backend):
+    path = tmp_path / "trace.json"
+    data = run_json(capsys, "--prompt", "Hi", *pair(tiny_dirs, "target"), "--k", "2", "--max-new-tokens", "7",
+                    "--no-chat", "--profile", path, backend=backend)
+    trace = json.loads(path.read_text())
+    events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    names = {e["name"] for e in events}
+    assert {"prefill", "lookup", "verify", "glue", "tree"} <= names and "round" not in names
+    threads = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+    assert threads[2] == "draft GPU (overlapped)"
+    seq = sorted((e for e in events if e["tid"] == 1), key=lambda e: e["ts"])
+    assert all(a["ts"] + a["dur"] <= b["ts"] + 1e-3 for a, b in zip(seq, seq[1:]))        # one after another
+    verify = [e for e in seq if e["name"] == "verify"]
+    glue = [e for e in events if e["tid"] == 2 and e["name"] == "glue"]
+    assert len(verify) == len(glue) == len(data["rounds"]) and [e["ts"] for e in glue] == [e["ts"] for e in verify]
+    assert all(e["dur"] >= 0 and "round" in e["args"] for e in events if e["name"] != "prefill")
+
+
+def test_interactive_keeps_the_conversation(tiny_dirs, capsys, monkeypatch, tok):
+    prompts, generate = [], ssd.generate
+
+    def spy(target, batch, **kw):
+        prompts.append(batch[0])
+        return generate(target, batch, **kw)
+    monkeypatch.setattr(ssd, "generate", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\nHow are you?\n/reset\nAgain\n/exit\nnot read\n"))
+    rc, out, err = run_cli(capsys, "--interactive", "--target", tiny_dirs["target"], "--mode", "ar",
+                           "--max-new-tokens", "4")
+    replies = out.split("\n")[:3]
+    assert rc == 0 and len(prompts) == 3 and out.count("\n") == 3
+    user = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": replies[0]},
+            {"role": "user", "content": "How are you?"}]
+    assert prompts[0] == tok.apply_chat_template(user[:1]) and prompts[1] == tok.apply_chat_template(user)
+    assert prompts[2] == tok.apply_chat_template([{"role": "user", "content": "Again"}])      # after /reset
+    assert err.count("tokens/round") == 3
+
+
+def test_interactive_through_a_pipe(tiny_dirs):
+    proc = subprocess.run([sys.executable, str(ROOT / "ssd_fast.py"), "--interactive", *pair(tiny_dirs, "target"),
+                           "--k", "2", "--max-new-tokens", "5"], input=b"Hello\nHow are you?\n", capture_output=True,
+                          cwd=ROOT, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().count("\n") == 2 and proc.stderr.decode().count("tokens/round") == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, what to do, exit status 2; out of memory: status 3
+# ---------------------------------------------------------------------------------------------
+
+BAD = [
     (["--target", "/no/such/dir", "--mode", "ar"], "does not exist"),
     (["--target", str(ROOT), "--mode", "ar"], "not a model checkpoint"),
-    (["--draft", "{other}"], "vocabulary"),
-    (["--k", "0"], "--k must be >= 1"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--top-p", "0"], "--top-p must be in"), (["--top-p", "1.5"], "--top-p must be in"),
-    (["--fan-out", "many"], "--fan-out must be"),
-    (["--prompt", "word " * 80], "does not fit the context window"),
-    (["--mode", "sd", "--draft", None], "needs a draft"),
-])
-def test_bad_input_is_one_clear_line(tiny_dirs, capsys, args, message):
+    (["--target", str(ROOT / "cli.py")], "is a file, not a model checkpoint"),
+    (["--target", "{gpt2}"], "unsupported architecture GPT2LMHeadModel"),
+    (["--draft", "{other}"], "the draft's vocabulary (97 tokens) differs from the target's (49152)"),
+    (["--prompt", "word " * 80], "does not fit the context window of 64 tokens"),
+    (["--mode", "sd", "--draft", None], "--mode sd needs a draft: pass --draft DIR"),
+    (["--k", "0"], "--k must be >= 1"), (["--k", "two"], "argument --k: invalid int value: 'two'"),
+    (["--temperature", "-1"], "--temperature must be >= 0"), (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--draft-temperature", "-0.5"], "--draft-temperature must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"), (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--top-k", "-1"], "--top-k must be >= 0"), (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--saguaro-c", "0"], "--saguaro-c must be in (0, 1]"), (["--saguaro-c", "1.5"], "--saguaro-c must be in"),
+    (["--fan-out", "many"], "--fan-out must be 'auto' or a positive integer"), (["--fan-out", "0"], "--fan-out must be"),
+    (["--gpus", "0"], "--gpus must be >= 1"), (["--seed", "-1"], "--seed must be >= 0"),
+    (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+    (["--mode", "fast"], "argument --mode: invalid choice"), (["--dtype", "int8"], "argument --dtype: invalid choice"),
+    (["--prompt", None], "nothing to do: give --prompt TEXT, --prompt-file FILE or --interactive"),
+    (["--prompt", ""], "--prompt is empty"), (["--stop", ""], "--stop needs a non-empty string"),
+    (["--prompt", None, "--prompt-file", "/no/prompts.txt"], "--prompt-file /no/prompts.txt does not exist"),
+    (["--prompt", None, "--prompt-file", "{gpt2}/config.json", "--interactive", True], "--interactive reads its"),
+    (["--prompt", None, "--interactive", True, "--json", True], "--interactive and --json do not go together"),
+    (["--target", "{base}", "--chat", True], "has no chat template: drop --chat"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a for a in args if isinstance(a, str))[:40] for args, _ in BAD])
+def test_bad_input_is_one_clear_line(tiny_dirs, capsys, args, message, backend):
     argv = {"--prompt": "hi", "--target": tiny_dirs["target"], "--draft": tiny_dirs["draft"], "--mode": "ssd"}
-    for flag, value in zip(args[::2], args[1::2]):
-        argv[flag] = value.format(**tiny_dirs) if value else None
-    flat = [x for flag, value in argv.items() if value is not None for x in (flag, value)]
-    rc, out, err = run_cli(capsys, *flat)
-    assert rc == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    for flag, value in zip(args[::2], args[1::2]):   # None: leave the flag out; True: the flag alone
+        argv[flag] = value.format(**tiny_dirs) if isinstance(value, str) else value
+    flat = [x for flag, value in argv.items() if value is not None for x in ((flag,) if value is True else (flag, value))]
+    rc, out, err = run_cli(capsys, *flat, backend=backend)
+    lines = err.strip().splitlines()
+    assert rc == 2 and out == "" and "Traceback" not in err, err
+    assert lines[-1].startswith("error: ") and message in lines[-1] and sum(x.startswith("error") for x in lines) == 1
+
+
+@NO_CUDA
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("args,message", [
+    (["--gpus", "2"], "asked for 2 GPUs but only 0 are visible: drop --gpus to run on the CPU"),
+    (["--device", "cuda"], "--device cuda: no CUDA GPU is visible"),
+    (["--device", "cuda:1"], "no CUDA GPU is visible")])
+def test_gpu_flags_without_a_gpu(tiny_dirs, capsys, args, message, backend):
+    rc, out, err = run_cli(capsys, "--prompt", "hi", *pair(tiny_dirs), *args, backend=backend)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ") and message in err
+
+
+def _fake_torch(gpus):
+    cuda = SimpleNamespace(is_available=lambda: gpus > 0, device_count=lambda: gpus)
+    return SimpleNamespace(cuda=cuda, version=SimpleNamespace(cuda="13.0"), __version__="2.x",
+                           float32="f32", bfloat16="bf16", float16="f16")
+
+
+def _args(**kw):
+    return SimpleNamespace(**{"device": None, "gpus": None, "mode": "ssd", "dtype": "auto", **kw})
+
+
+@pytest.mark.parametrize("gpus,kw,expect", [
+    (0, {}, ("cpu", "cpu", None, None)),
+    (1, {}, ("cuda:0", "cuda:0", None, "share cuda:0")),
+    (1, {"mode": "ar"}, ("cuda:0", None, None, None)),
+    (1, {"mode": "sd", "dtype": "float16"}, ("cuda:0", "cuda:0", "f16", None)),
+    (2, {"device": "cuda:1"}, ("cuda:1", "cuda:1", None, "share cuda:1")),
+    (1, {"gpus": 2}, "asked for 2 GPUs but only 1 is visible: use --gpus 1 or fewer"),
+    (2, {"device": "cuda:1", "gpus": 2}, "asked for 2 GPUs from cuda:1 on but only 2 are visible"),
+    (2, {"device": "cuda:2"}, "asked for GPU 2 but only 2 are visible"),
+    (4, {"gpus": 3}, "--gpus 2 is the most this engine uses"),
+    (1, {"gpus": 1, "device": "cpu"}, "--gpus asks for GPUs but --device cpu was given"),
+])
+def test_device_choice(gpus, kw, expect):
+    """The GPU logic without a GPU: a stand-in torch with `gpus` visible devices."""
+    args = _args(**kw)
+    if isinstance(expect, str):
+        with pytest.raises(cli.UsageError, match=expect.replace("(", r"\(")):
+            cli.choose_devices(args, "fast", _fake_torch(gpus))
+        return
+    p = cli.choose_devices(args, "fast", _fake_torch(gpus))
+    assert (p.target, p.draft, p.dtype) == expect[:3]
+    assert (p.note is None) if expect[3] is None else expect[3] in p.note
+
+
+def test_two_gpus_give_the_draft_its_own_and_the_reference_stays_on_the_cpu(monkeypatch):
+    p = cli.choose_devices(_args(gpus=2), "fast", _fake_torch(2))
+    if cli.engine_takes_draft_device():
+        assert (p.target, p.draft) == ("cuda:0", "cuda:1")
+    else:
+        assert (p.target, p.draft) == ("cuda:0", "cuda:0") and "second GPU stays idle" in p.note
+    monkeypatch.setattr(cli, "engine_takes_draft_device", lambda: True)
+    p = cli.choose_devices(_args(gpus=2), "fast", _fake_torch(2))
+    assert (p.target, p.draft, p.note) == ("cuda:0", "cuda:1", None)
+    assert cli.choose_devices(_args(), "reference", _fake_torch(1)).target == "cpu"     # the reference: CPU
+    for kw in ({"device": "cuda"}, {"gpus": 1}):
+        with pytest.raises(cli.UsageError, match="runs on the CPU only: use ssd_fast.py"):
+            cli.choose_devices(_args(**kw), "reference", _fake_torch(1))
+
+
+def test_out_of_memory_names_the_flags_that_help(tiny_dirs, capsys, monkeypatch):
+    def oom(*a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(ssd, "generate", oom)
+    rc, out, err = run_cli(capsys, "--prompt", "x", "--target", tiny_dirs["target"], "--mode", "ar")
+    assert rc == 3 and out == "" and err.strip().splitlines()[-1] == (
+        "error: out of memory on cpu: try --dtype bfloat16, a smaller --max-new-tokens or fewer prompts, "
+        "or --device cpu")
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "ssd.py"), "--prompt", "x", "--target", str(tmp_path / "none")],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, env=ENV)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stdout == ""
 
+
+# ---------------------------------------------------------------------------------------------
+# The README's command
+# ---------------------------------------------------------------------------------------------
 
 def test_embedded_default_end_to_end():
-    """The README's command: the embedded SmolLM2 pair, no flags but the prompt and mode."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "ssd.py"), "--prompt", "The capital of France is", "--mode",
-                           "ssd", "--max-new-tokens", "8"], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=600)
+    """The quick start: the embedded SmolLM2 pair, the chat template on by default, the fast engine."""
+    proc = subprocess.run([sys.executable, str(ROOT / "ssd_fast.py"), "--prompt", "What is the capital of France?",
+                           "--max-new-tokens", "16"], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout and "tokens/round" in proc.stdout and "cache hit rate" in proc.stdout
-    assert "draft:" in proc.stdout
+    assert "target on cpu, draft on cpu" in proc.stdout and "draft:" in proc.stderr
+    assert "<|im_end|>" not in proc.stdout                        # EOS is never printed
