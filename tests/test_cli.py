@@ -174,6 +174,32 @@ def test_prompt_file_and_several_prompts_run_a_batch(tiny_dirs, capsys, tmp_path
     assert out.endswith("\n") and out.rsplit("\n", 2)[1].startswith("[9 tokens")
 
 
+def test_prompt_file_dash_reads_stdin(tiny_dirs, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("one\n\ntwo\n"))
+    data = run_json(capsys, "--prompt-file", "-", "--target", tiny_dirs["target"], "--mode", "ar",
+                    "--max-new-tokens", "1")
+    assert data["prompts"] == ["one", "two"] and len(data["token_ids"]) == 2
+
+
+def test_streamer_holds_back_a_possible_stop_string_and_incomplete_characters():
+    """Decoding is re-done every round; what is printed is only ever appended to."""
+    pieces = {1: "Hel", 2: "lo ", 3: "wo", 4: "rld", 5: "\ufffd", 6: "\u00e9", 9: "<eos>"}
+    tok = SimpleNamespace(decode=lambda ids: "".join(pieces[i] for i in ids))
+    written = []
+    s = cli.Streamer(tok, eos={9}, stops=["world!"], write=written.append)
+    assert s.update([1, 2]) is False and written == ["Hello "]
+    s.update([1, 2, 3, 4])                 # "world" may be the start of "world!": held back
+    assert "".join(written) == "Hello "
+    s.update([1, 2, 3, 4, 5])              # no longer a stop's start, but an incomplete character: held back
+    assert "".join(written) == "Hello world"
+    s.finish("Hello world\u00e9")
+    assert "".join(written) == "Hello world\u00e9"
+    s = cli.Streamer(tok, eos={9}, stops=["wor"], write=written.clear() or written.append)
+    assert s.update([1, 2, 3, 4, 9]) is True and "".join(written) == "Hello "          # cut before the stop
+    assert cli.visible(tok, [1, 2, 3, 4, 9], {9}, ["wor"]) == ("Hello ", [1, 2, 3, 4], True)
+    assert cli.visible(tok, [1, 2, 9], {9}, []) == ("Hello ", [1, 2, 9], False)         # EOS never shows
+
+
 def test_chat_template_is_the_default_for_instruct_models(tiny_dirs, capsys, tok):
     common = ["--prompt", "Hi there", "--target", tiny_dirs["target"], "--mode", "ar", "--max-new-tokens", "1"]
     default, chat, raw = (run_json(capsys, *common, *extra) for extra in ([], ["--chat"], ["--no-chat"]))
