@@ -39,7 +39,8 @@ DESCRIPTIONS = {
 }
 EPILOG = """\
 examples:
-  %(prog)s --prompt "The capital of France is"
+  %(prog)s --prompt "What is the capital of France?"
+  %(prog)s --no-chat --prompt "The capital of France is"
   %(prog)s --prompt "Once upon a time" --temperature 0.8 --top-p 0.95 --max-new-tokens 128
   %(prog)s --prompt-file prompts.txt --json > out.json
   %(prog)s --interactive
@@ -69,8 +70,11 @@ def build_parser(backend: str = "fast") -> argparse.ArgumentParser:
                         "/exit or end of input quits, Ctrl-C stops a reply")
     chat = g.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
-                      help="wrap each prompt in the target's chat template. This is the default when the target's "
-                           "tokenizer has one (instruct models such as the embedded SmolLM2-135M-Instruct do)")
+                      help=("wrap each prompt in the target's chat template. This is the default when the target's "
+                            "tokenizer has one (instruct models such as the embedded SmolLM2-135M-Instruct do)")
+                      if backend == "fast" else
+                      ("wrap each prompt in the target's chat template. The reference continues the raw text by "
+                       "default, except in --interactive (ssd_fast.py defaults to the template for instruct models)"))
     chat.add_argument("--no-chat", dest="chat", action="store_false",
                       help="send the prompt text as it is (and echo it before the continuation)")
 
@@ -573,7 +577,9 @@ def _main(args, backend, placement, log) -> int:
     if spec_d is not None:
         ssd.check_compatible(spec_t, spec_d)
     tok = embedded.load_tokenizer(target_dir)
-    chat = tok.has_chat_template if args.chat is None else args.chat
+    # The front door talks to instruct models the way they were trained (their chat template); the
+    # reference, a lesson in decoding, continues the raw text unless asked.
+    chat = (tok.has_chat_template and (backend == "fast" or args.interactive)) if args.chat is None else args.chat
     if chat and not tok.has_chat_template:
         raise UsageError(f"--chat: the target's tokenizer ({target_dir}) has no chat template: drop --chat")
 

@@ -201,15 +201,19 @@ def test_streamer_holds_back_a_possible_stop_string_and_incomplete_characters():
 
 
 def test_chat_template_is_the_default_for_instruct_models(tiny_dirs, capsys, tok):
+    """ssd_fast.py (the front door) wraps prompts in an instruct model's template by default; ssd.py,
+    the reference, continues raw text unless asked: --chat and --no-chat mean the same in both."""
     common = ["--prompt", "Hi there", "--target", tiny_dirs["target"], "--mode", "ar", "--max-new-tokens", "1"]
-    default, chat, raw = (run_json(capsys, *common, *extra) for extra in ([], ["--chat"], ["--no-chat"]))
     templated = tok.apply_chat_template([{"role": "user", "content": "Hi there"}])
+    default, chat, raw = (run_json(capsys, *common, *extra, backend="fast") for extra in ([], ["--chat"], ["--no-chat"]))
     assert default["prompt_ids"] == chat["prompt_ids"] == [templated] and default["chat"] is True
     assert raw["prompt_ids"] == [tok.encode("Hi there")] and raw["chat"] is False
+    ref_default, ref_chat = (run_json(capsys, *common, *extra) for extra in ([], ["--chat"]))
+    assert ref_default["prompt_ids"] == raw["prompt_ids"] and ref_chat["prompt_ids"] == [templated]
     base = run_json(capsys, "--prompt", "Hi there", "--target", tiny_dirs["base"], "--mode", "ar",
-                    "--max-new-tokens", "1")                     # no chat template: raw text by default
+                    "--max-new-tokens", "1", backend="fast")     # no chat template: raw text by default
     assert base["prompt_ids"] == raw["prompt_ids"] and base["chat"] is False
-    rc, out, _ = run_cli(capsys, "--help")
+    rc, out, _ = run_cli(capsys, "--help", backend="fast")
     assert rc == 0 and "--no-chat" in out and "default when the target's tokenizer has one" in " ".join(out.split())
 
 
@@ -507,7 +511,7 @@ def test_out_of_memory_names_the_flags_that_help(tiny_dirs, capsys, monkeypatch)
     def oom(*a, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(ssd, "generate", oom)
-    rc, out, err = run_cli(capsys, "--prompt", "x", "--target", tiny_dirs["target"], "--mode", "ar")
+    rc, out, err = run_cli(capsys, "--prompt", "x", "--target", tiny_dirs["target"], "--mode", "ar", "--chat")
     assert rc == 3 and out == "" and err.strip().splitlines()[-1] == (
         "error: out of memory on cpu: try --dtype bfloat16, a smaller --max-new-tokens or fewer prompts, "
         "or --device cpu")
