@@ -113,11 +113,12 @@ def test_target_answers_sensibly(target_dir, tokenizer):
     assert "Paris" in tokenizer.decode(out[0, len(prompt):].tolist())
 
 
-def test_standin_draft(target_dir):
+def test_standin_draft(target_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
 
-    path, description = embedded.default_draft()
+    monkeypatch.setattr(embedded, "SHIPPED_DRAFT_DIR", tmp_path / "no-draft-shipped")
+    path, description = embedded.default_draft()     # without a shipped draft: the stand-in, named as such
     assert path == embedded.ensure_standin_draft() and "stand-in" in description
     model, info = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
