@@ -57,6 +57,18 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+def _k_flag(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k must be a positive integer or 'auto', got {value!r}") from None
+
+
+K_AUTO_MAX = 8   # the largest K that --k auto considers
+
+
 def build_parser(backend: str = "fast") -> argparse.ArgumentParser:
     ap = _Parser(prog=PROGRAMS[backend], description=DESCRIPTIONS[backend], epilog=EPILOG,
                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,7 +112,10 @@ def build_parser(backend: str = "fast") -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=["ar", "sd", "ssd"], default="ssd",
                    help="ar = target alone, sd = speculative decoding, ssd = speculative speculative decoding "
                         "(default)")
-    g.add_argument("--k", type=int, default=4, metavar="K", help="lookahead: draft tokens per round (default 4)")
+    g.add_argument("--k", type=_k_flag, default=4, metavar="K|auto",
+                   help="lookahead: draft tokens per round (default 4); 'auto' (ssd_fast.py) measures the models' "
+                        "step times and picks the K (and, with --fan-out auto, the speculation budget) whose drafting "
+                        "fits inside the target's verify")
     g.add_argument("--fan-out", default="auto", metavar="auto|F",
                    help="SSD: 'auto' sizes Saguaro's geometric fan-out from the running acceptance (budget 4(K+1)); "
                         "an integer F gives F recovery-token candidates to every outcome")
@@ -140,6 +155,9 @@ def check_args(args) -> None:
     """Every numeric flag, with a message naming it. NaN fails every comparison, so it is rejected too."""
     def finite(x):
         return x is not None and math.isfinite(x)
+    args.k_auto = args.k == "auto"
+    if args.k_auto:
+        args.k = K_AUTO_MAX          # an upper bound until the engine has measured (sizes the caches)
     if not (args.k >= 1):
         raise UsageError(f"--k must be >= 1 (draft tokens per round), got {args.k}")
     for flag, value in (("--temperature", args.temperature), ("--draft-temperature", args.draft_temperature)):
@@ -527,6 +545,8 @@ def run(argv=None, backend: str = "fast") -> int:
     try:
         import torch
         check_args(args)
+        if args.k_auto and backend == "reference":
+            raise UsageError("--k auto measures the fast engine's step times: use ssd_fast.py, or give --k N")
         placement = choose_devices(args, backend, torch)
         device = placement.target
         return _main(args, backend, placement, log)
@@ -617,6 +637,15 @@ def _main(args, backend, placement, log) -> int:
         if backend == "fast":
             startup(f"moving weights to {placement.target}")
         engine = Backend(backend, target, draft, placement, args, startup.log, max_seq=max_seq)
+        if args.k_auto and args.mode != "ar":
+            k, budget, table = engine.engine.choose_lookahead(max(1, len(prompt_ids)), args.mode, k_max=K_AUTO_MAX)
+            args.k = settings["k"] = k
+            if args.mode == "ssd" and args.fan_out == "auto":
+                settings["fan_out_budget"] = budget
+            row = table[k - 1]
+            startup.log(f"--k auto: K={k}" + (f", speculation budget {budget}" if args.mode == "ssd" else "")
+                        + f" (verify {row['verify_ms']:.2f} ms, drafting {row['draft_ms']:.2f} ms"
+                        + (", hidden behind the verify)" if row["hidden"] else ", the target waits)"))
         if warm_up:
             startup("capturing CUDA graphs")
             warm = prompt_ids or [tok.encode("Hello")]

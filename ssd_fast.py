@@ -270,8 +270,9 @@ class Engine:
     def generate(self, prompts, mode="ar", k=4, temperature=0.0, draft_temperature=None, top_k=0, top_p=1.0,
                  fan_out="auto", fan_out_budget=None, saguaro_c=1.0, backup="auto", miss_exponent=1.0,
                  max_new_tokens=64, seed=0, eos_token_id=None, on_round=None, profile=False) -> ssd.GenerationResult:
-        """Same arguments and result as ssd.generate (the models are the engine's). With
-        profile=True every part of a round is timed with a device synchronization (slower)."""
+        """Same arguments and result as ssd.generate (the models are the engine's), and k="auto"
+        (see choose_lookahead). With profile=True every part of a round is timed with a device
+        synchronization (slower)."""
         run = self._start(prompts, mode, k, temperature, draft_temperature, top_k, top_p, fan_out, fan_out_budget,
                           saguaro_c, backup, miss_exponent, max_new_tokens, seed, eos_token_id, profile)
         try:
@@ -299,6 +300,11 @@ class Engine:
                max_new_tokens=64, seed=0, eos_token_id=None, profile=False) -> "_Run":
         if mode != "ar" and self.draft is None:
             raise ValueError(f"mode {mode} needs a draft model: build the Engine with one")
+        if k == "auto":   # measured: the K (and speculation budget) whose drafting the verify hides
+            batch = 1 if prompts and isinstance(prompts[0], int) else len(prompts)
+            k, budget, _ = self.choose_lookahead(batch, mode) if mode != "ar" else (1, None, None)
+            if mode == "ssd" and fan_out == "auto" and fan_out_budget is None:
+                fan_out_budget = budget
         req = ssd.make_request(_CfgOnly(self.target.cfg), prompts, _CfgOnly(self.draft.cfg) if self.draft else None,
                                mode, k, temperature, draft_temperature, top_k, top_p, fan_out, fan_out_budget,
                                saguaro_c, backup, miss_exponent, max_new_tokens, seed, eos_token_id, self.max_seq)
@@ -585,6 +591,60 @@ class Engine:
                 chains[:, :, depth], qs[:, :, depth] = s, q
                 tokens = chains[:, :, depth]
             return dict(j=branch_j, cand=cand, chains=chains, q=qs)
+
+    def choose_lookahead(self, batch=1, mode="ssd", k_max=8, accept_rate=0.7,
+                         budgets=(4, 8, 12, 16, 20, 24, 32, 48)):
+        """--k auto, and the speculation budget for --fan-out auto. SSD hides the draft only when its
+        glue pass and K tree steps fit inside the target's verify, so measure at this batch size the
+        verify (K+1 tokens), the glue pass (K+1 tokens) and a tree step (one token per branch; timed as
+        a draft step over N tokens) and take, among the (K, N) that fit, the K with the most expected
+        tokens per second of verify, E[tokens | a, K] / t_verify(K) with E = (1 - a^(K+1)) / (1 - a)
+        (Leviathan et al. 2023, eq. 1), and the largest budget N for it. When nothing fits, the target
+        waits: the score is E / (t_glue + K t_tree). SD has no overlap: E / (t_verify + K t_draft).
+        Returns (K, N, table of the measurements in ms)."""
+        Bb = bucket(batch)
+        key = ("lookahead", Bb, mode, k_max, accept_rate, tuple(budgets))
+        if key in self.calibrated:
+            return self.calibrated[key]
+        tc, dc = self._cache(self.target, "target", Bb), self._cache(self.draft, "draft", Bb)
+        dev, dd = self.device, self.draft_device
+        memo = {}
+
+        def timed(run, cache, T, device):
+            if (id(cache), T) not in memo:   # the last T slots: no row has reached them yet
+                pos = (cache.slots - T + torch.arange(T, device=device))[None].expand(Bb, -1).contiguous()
+                tok = torch.zeros(Bb, T, dtype=torch.long, device=device)
+                memo[(id(cache), T)] = self._time(lambda: run.step(cache, tok, pos))
+            return memo[(id(cache), T)]
+        a = min(max(accept_rate, 1e-3), 1 - 1e-3)
+        best, table = None, []
+        for k in range(1, k_max + 1):
+            expected = (1 - a ** (k + 1)) / (1 - a)
+            t_verify = timed(self.t_run, tc, k + 1, dev)
+            if mode == "sd":
+                t_draft = timed(self.d_run, dc, 2, dd) + (k - 1) * timed(self.d_run, dc, 1, dd)
+                score, n = expected / (t_verify + t_draft), 0
+            else:
+                t_glue = timed(self.d_run, dc, k + 1, dd)
+                fits = [n for n in budgets if t_glue + k * timed(self.d_run, dc, n, dd) <= t_verify]
+                n = max(fits) if fits else budgets[0]
+                t_draft = t_glue + k * timed(self.d_run, dc, n, dd)
+                score = expected / max(t_verify, t_draft)
+            table.append(dict(k=k, budget=n, verify_ms=1e3 * t_verify, draft_ms=1e3 * t_draft, hidden=t_draft <= t_verify,
+                              tokens_per_ms=score / 1e3))
+            if best is None or score > best[0]:
+                best = (score, k, n)
+        self.calibrated[key] = (best[1], best[2], table)
+        return self.calibrated[key]
+
+    def _time(self, fn, reps=3):
+        fn()
+        self._sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        self._sync()
+        return (time.perf_counter() - t0) / reps
 
     def _calibrate(self, Bb, k):
         """Measure one verify and one jit backup (K draft steps) at this batch size, for the

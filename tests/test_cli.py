@@ -415,7 +415,7 @@ BAD = [
     (["--draft", "{other}"], "the draft's vocabulary (97 tokens) differs from the target's (49152)"),
     (["--prompt", "word " * 80], "does not fit the context window of 64 tokens"),
     (["--mode", "sd", "--draft", None], "--mode sd needs a draft: pass --draft DIR"),
-    (["--k", "0"], "--k must be >= 1"), (["--k", "two"], "argument --k: invalid int value: 'two'"),
+    (["--k", "0"], "--k must be >= 1"), (["--k", "two"], "--k must be a positive integer or 'auto', got 'two'"),
     (["--temperature", "-1"], "--temperature must be >= 0"), (["--temperature", "nan"], "--temperature must be >= 0"),
     (["--draft-temperature", "-0.5"], "--draft-temperature must be >= 0"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"), (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
@@ -536,3 +536,27 @@ def test_embedded_default_end_to_end():
     assert "Paris" in proc.stdout and "tokens/round" in proc.stdout and "cache hit rate" in proc.stdout
     assert "target on cpu, draft on cpu" in proc.stdout and "draft:" in proc.stderr
     assert "<|im_end|>" not in proc.stdout                        # EOS is never printed
+
+
+def test_k_auto_measures_and_picks(tiny_dirs, capsys):
+    """--k auto: the fast engine measures verify, glue and tree steps and says what it picked."""
+    data = run_json(capsys, "--prompt", "Hi", *pair(tiny_dirs, "draft"), "--mode", "ssd", "--k", "auto",
+                    "--max-new-tokens", "6", "--no-chat", backend="fast")
+    assert 1 <= data["stats"]["k"] <= 8 and len(data["token_ids"][0]) == 6
+    _, _, err = run_cli(capsys, "--prompt", "Hi", *pair(tiny_dirs, "draft"), "--mode", "sd", "--k", "auto",
+                        "--max-new-tokens", "4", "--no-chat", backend="fast")
+    assert "--k auto: K=" in err
+    rc, _, err = run_cli(capsys, "--prompt", "Hi", *pair(tiny_dirs, "draft"), "--k", "auto")
+    assert rc == 2 and "use ssd_fast.py" in err
+    rc, _, err = run_cli(capsys, "--prompt", "Hi", *pair(tiny_dirs, "draft"), "--k", "many", backend="fast")
+    assert rc == 2 and "--k must be a positive integer or 'auto'" in err
+
+
+def test_choose_lookahead_table(tiny_dirs):
+    import ssd_fast
+    engine = ssd_fast.Engine(ssd.load_model(tiny_dirs["target"]), ssd.load_model(tiny_dirs["draft"]), device="cpu",
+                             max_seq=64, log=lambda *a: None)
+    k, budget, table = engine.choose_lookahead(2, "ssd", k_max=4)
+    assert 1 <= k <= 4 and budget in (4, 8, 12, 16, 20, 24, 32, 48) and [r["k"] for r in table] == [1, 2, 3, 4]
+    best = max(table, key=lambda r: r["tokens_per_ms"])
+    assert best["k"] == k and all(r["verify_ms"] > 0 and r["draft_ms"] > 0 for r in table)

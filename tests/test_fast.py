@@ -215,3 +215,9 @@ def test_fast_rows_cut_short_mid_round(cpu_engine):
         out = cpu_engine.generate([PROMPTS[2]] * 8, mode=mode, k=k, temperature=1.0, draft_temperature=1.3,
                                   max_new_tokens=32, seed=1, eos_token_id=[], backup="jit")
         assert all(len(t) == 32 for t in out.tokens)
+
+
+def test_fast_k_auto(pair, cpu_engine):
+    out = cpu_engine.generate(PROMPTS[:2], mode="ssd", k="auto", max_new_tokens=12, eos_token_id=[])
+    assert out.tokens == ssd.generate(pair[0], PROMPTS[:2], max_new_tokens=12, eos_token_id=[]).tokens
+    assert 1 <= out.k <= 8
