@@ -790,6 +790,9 @@ class GenerationResult:
                "backups": {b: sum(1 for r in rounds if r.backup == b) for b in ("jit", "fast")},
                "prefill_s": self.prefill_time, "time_s": {k: round(v, 6) for k, v in times.items()}}
         if self.mode == "ssd":
+            for name, want in (("tokens_per_round_hit", True), ("tokens_per_round_miss", False)):
+                n = [r.accepted[b] + 1 for r, b in row_rounds if r.hit and r.hit[b] == want]
+                out[name] = sum(n) / len(n) if n else None
             # What the real system pays: the draft's glue + tree run during the verify.
             par = sum(r.times.get("lookup", 0) + r.times.get("backup", 0) +
                       max(r.times.get("verify", 0), r.times.get("glue", 0) + r.times.get("tree", 0)) for r in rounds)

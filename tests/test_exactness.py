@@ -204,8 +204,11 @@ def test_distribution_of_generated_tokens(small_models, path):
     samples, out = sample_first_tokens(target, draft, prompt, seed=123, **PATHS[path])
     if PATHS[path]["mode"] == "ssd":  # the hits must actually happen for this to test them
         assert out.summary()["cache_hit_rate"] > 0.2
-    exact = exact_joint(target, prompt, N_TOKENS, WINDOW, top_k=PATHS[path].get("top_k", 0))
-    assert chi_square_p_value(samples, exact) > 1e-3
+    top_k = PATHS[path].get("top_k", 0)
+    assert chi_square_p_value(samples, exact_joint(target, prompt, N_TOKENS, WINDOW, top_k=top_k)) > 1e-3
+    # and the very first tokens (the prefill's and the first round's), from the same samples
+    first = [tuple(t[:3]) for t in out.tokens]
+    assert chi_square_p_value(first, exact_joint(target, prompt, N_TOKENS, slice(0, 3), top_k=top_k)) > 1e-3
 
 
 def test_statistical_negative_control(small_models, monkeypatch):
