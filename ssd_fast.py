@@ -295,6 +295,12 @@ class Engine:
                 yield tokens[sent:]
                 sent = len(tokens)
 
+    def start(self, prompts, **kw) -> "_Run":
+        """A generation in progress, round by round: `for stats in run.rounds_iter(): ...`, with
+        `run.admit(prompt)` between rounds to add a sequence (continuous batching), `run.generated()`,
+        `run.stop(rows)` and `run.result()`. Same keywords as generate."""
+        return self._start(prompts, **kw)
+
     def _start(self, prompts, mode="ar", k=4, temperature=0.0, draft_temperature=None, top_k=0, top_p=1.0,
                fan_out="auto", fan_out_budget=None, saguaro_c=1.0, backup="auto", miss_exponent=1.0,
                max_new_tokens=64, seed=0, eos_token_id=None, profile=False) -> "_Run":
@@ -741,8 +747,9 @@ class _Run:
         self.round_fn = {"ar": engine._ar_round, "sd": engine._sd_round, "ssd": engine._ssd_round}[mode]
 
     def rounds_iter(self):
-        eng, st, B = self.engine, self.st, self.B
+        eng, st = self.engine, self.st
         while not all(st.done):
+            B = self.B
             if eng.draft_failed:   # the rest of the run is AR on the target
                 self.round_fn = eng._ar_round
             active = [not d for d in st.done]
@@ -773,6 +780,60 @@ class _Run:
     def result(self) -> ssd.GenerationResult:
         return ssd.GenerationResult(tokens=self.generated(), finish_reasons=self.st.finish, rounds=self.rounds,
                                     mode=self.mode, k=self.req.k_used, prefill_time=self.prefill_time)
+
+    @torch.no_grad()
+    def admit(self, prompt, temperature=None) -> int:
+        """Continuous batching: between rounds, put a new prompt into a free row (one that finished,
+        or a padding row of the bucket) while the other rows go on undisturbed. Its prefill runs on
+        that row's slice of the caches; its speculation-cache entries are invalidated. Returns the
+        row index: its tokens are generated()[row]. Raises ValueError when no row is free."""
+        eng, st, req = self.engine, self.st, self.req
+        free = [b for b in range(self.B) if st.done[b]] + list(range(self.B, st.hist.shape[0]))
+        if not free:
+            raise ValueError(f"no free row: all {st.hist.shape[0]} rows of this batch bucket are generating")
+        prompt = list(prompt)
+        needed = len(prompt) + req.max_new_tokens + req.k_used + 2
+        if not prompt or needed > eng.max_seq:
+            raise ValueError(f"an admitted prompt needs 1..{eng.max_seq - req.max_new_tokens - req.k_used - 2} tokens "
+                             f"here (the engine's max_seq), got {len(prompt)}")
+        req.context_limit = max(req.context_limit, needed)
+        b = free[0]
+        if temperature is not None:
+            req.t[b], req.t_draft[b] = float(temperature), float(temperature)
+        elif b >= self.B:   # a padding row takes the first row's sampling settings
+            req.t[b], req.t_draft[b] = req.t[0], req.t_draft[0]
+        dev, T = eng.device, len(prompt)
+        tokens = torch.tensor([prompt], device=dev)
+        positions = torch.arange(T, device=dev)[None]
+        logits = eng.target.forward(tokens, positions, _RowCache(eng.tc, b))[:, -1]
+        if self.mode != "ar":
+            dd = eng.draft_device
+            eng.draft.forward(tokens.to(dd), positions.to(dd), _RowCache(eng.dc, b))
+        first = int(eng._sample(eng._probs(logits, req.t[b:b + 1], req))[0])
+        st.hist[b, :T] = tokens[0]
+        st.hist[b, T] = first
+        st.lens[b], st.last_n[b] = T + 1, 0
+        if st.spec is not None:    # the old occupant's speculations must never match
+            st.spec["j"][b] = -1
+        if b >= self.B:
+            for _ in range(b + 1 - self.B):
+                st.tokens.append([]), st.prompt_lens.append(0), st.done.append(True), st.finish.append(None)
+                st.next_hit.append(False)
+            self.B = b + 1
+        st.tokens[b], st.prompt_lens[b], st.done[b], st.finish[b] = prompt + [first], T, False, None
+        st.next_hit[b] = False
+        eng._finish_check(st, b, req)
+        st.active[:self.B] = torch.tensor([not d for d in st.done], device=dev)
+        return b
+
+
+class _RowCache:
+    """One row of a FastCache, as a batch of one (views: writes land in the shared cache)."""
+
+    def __init__(self, cache, row):
+        self.k = [t[row:row + 1] for t in cache.k]
+        self.v = [t[row:row + 1] for t in cache.v]
+        self.k_tree, self.v_tree, self.slots = None, None, cache.slots
 
 
 class _CfgOnly:

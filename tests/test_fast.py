@@ -221,3 +221,34 @@ def test_fast_k_auto(pair, cpu_engine):
     out = cpu_engine.generate(PROMPTS[:2], mode="ssd", k="auto", max_new_tokens=12, eos_token_id=[])
     assert out.tokens == ssd.generate(pair[0], PROMPTS[:2], max_new_tokens=12, eos_token_id=[]).tokens
     assert 1 <= out.k <= 8
+
+
+@pytest.mark.parametrize("mode,engine_name", [("ar", "cpu_engine"), ("sd", "cpu_engine"), ("ssd", "cpu_engine"),
+                                               ("ssd", "concurrent_engine")])
+def test_continuous_batching_admits_without_disturbing(pair, request, mode, engine_name):
+    """Rows finish at different times; new prompts take their rows (and the bucket's padding rows)
+    between rounds; every sequence still equals its own greedy AR output."""
+    run = request.getfixturevalue(engine_name).start([PROMPTS[0], PROMPTS[1], PROMPTS[3]], mode=mode, k=3, max_new_tokens=12, eos_token_id=[])
+    admitted, queue = {}, [PROMPTS[2], [7, 8, 9, 10], [44]]
+
+    def admit_while_rows_are_free():
+        while queue:
+            try:
+                admitted[run.admit(queue[0])] = queue[0]
+            except ValueError:        # every row of the bucket is busy: wait for one to finish
+                return
+            queue.pop(0)
+    for i, _ in enumerate(run.rounds_iter()):
+        if i >= 1:
+            admit_while_rows_are_free()
+    while queue or not all(run.st.done):
+        admit_while_rows_are_free()
+        for _ in run.rounds_iter():
+            admit_while_rows_are_free()
+    out = run.result()
+    expected = {0: PROMPTS[0], 1: PROMPTS[1], 2: PROMPTS[3]}
+    expected.update(admitted)
+    assert len(admitted) == 3 and len(out.tokens) >= 4
+    for row, prompt in expected.items():
+        ref = ssd.generate(pair[0], prompt, max_new_tokens=12, eos_token_id=[]).tokens[0]
+        assert out.tokens[row] == ref, (row, prompt)
