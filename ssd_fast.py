@@ -11,6 +11,14 @@ What changes from the reference, and why:
 - The sequence state (token history, lengths, the speculation cache and its lookup) lives on the
   device; the host reads one small tensor per round (accepted counts, new tokens, next hit flags).
 - Batches are padded to a bucket size; padding rows are frozen and write only their own cache rows.
+  Rows finish at different times; `Engine.start(...).admit(prompt)` puts a new sequence into a
+  finished or padding row between rounds (continuous batching).
+- SSD's draft side (glue pass, fork, tree decode) can run on its own worker, overlapping the verify:
+  a thread launching on its own CUDA stream, on the target's GPU or on its own (`draft_device`), where
+  the speculation cache lives and is looked up (the handshake: the outcome key one way, the K tokens,
+  and their q rows only when some row samples at temperature > 0, the other). `concurrent=True`; off
+  by default until it has been measured on GPUs. If the draft fails, the run finishes as AR.
+- `k="auto"` measures the step times and picks the K whose drafting fits inside the verify.
 
 On a machine without CUDA the same code runs with the kernels' PyTorch references in float32 (it
 says so once), and gives the same greedy tokens as ssd.py.
