@@ -560,3 +560,12 @@ def test_choose_lookahead_table(tiny_dirs):
     assert 1 <= k <= 4 and budget in (4, 8, 12, 16, 20, 24, 32, 48) and [r["k"] for r in table] == [1, 2, 3, 4]
     best = max(table, key=lambda r: r["tokens_per_ms"])
     assert best["k"] == k and all(r["verify_ms"] > 0 and r["draft_ms"] > 0 for r in table)
+
+
+def test_concurrent_flag_runs_the_draft_on_its_worker(tiny_dirs, capsys):
+    plain = run_json(capsys, "--prompt", "Hi", *pair(tiny_dirs, "draft"), "--mode", "ssd", "--k", "3",
+                     "--max-new-tokens", "8", "--no-chat", backend="fast")
+    overlapped = run_json(capsys, "--prompt", "Hi", *pair(tiny_dirs, "draft"), "--mode", "ssd", "--k", "3",
+                          "--max-new-tokens", "8", "--no-chat", "--concurrent", backend="fast")
+    assert overlapped["token_ids"] == plain["token_ids"]
+    assert "wait_draft" in overlapped["stats"]["time_s"]
