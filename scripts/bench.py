@@ -1074,9 +1074,11 @@ def plots(results, out: Path) -> list[Path]:
     pairs = [p for p in results.get("pairs", {}) if any(r["pair"] == p for r in recs)]
     temps = sorted({r["temperature"] for r in recs})
 
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    def plain(axis):   # log axes: plain numbers, no crowded minor labels
+    def plain(axis, locate=True):   # log axes: plain numbers at 1, 2, 5 x 10^n, no crowded minor labels
+        if locate:
+            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         axis.set_major_formatter(ScalarFormatter())
         axis.set_minor_formatter(NullFormatter())
 
@@ -1186,7 +1188,7 @@ def plots(results, out: Path) -> list[Path]:
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["batch"] for _, _, rs in rows for r in rs}))
-        plain(ax.xaxis)
+        plain(ax.xaxis, locate=False)
         ax.set_xlabel("batch size")
         ax.set_ylabel("SSD / SD tokens/s")
         ax.legend(fontsize=7)
