@@ -668,18 +668,9 @@ class Engine:
         dev, S = self.device, self.tc.slots
         pos = (S - k - 2 + torch.arange(k + 1, device=dev))[None].expand(Bb, -1).contiguous()
         tok = torch.zeros(Bb, k + 1, dtype=torch.long, device=dev)
-
-        def timed(fn, reps=3):
-            fn()
-            self._sync()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            self._sync()
-            return (time.perf_counter() - t0) / reps
-        t_verify = timed(lambda: self.t_run.step(self.tc, tok, pos))
+        t_verify = self._time(lambda: self.t_run.step(self.tc, tok, pos))
         tok_d, pos_d = tok.to(self.draft_device), pos.to(self.draft_device)
-        t_jit = timed(lambda: [self.d_run.step(self.dc, tok_d[:, :1], pos_d[:, i:i + 1]) for i in range(k)])
+        t_jit = self._time(lambda: [self.d_run.step(self.dc, tok_d[:, :1], pos_d[:, i:i + 1]) for i in range(k)])
         self.calibrated[(Bb, k)] = (t_verify, t_jit)
         return t_verify, t_jit
 
