@@ -241,6 +241,22 @@ def _launch_merge(part_o, part_lse, out, num_splits, T, H, D, BLOCK_D):
         NUM_SPLITS=num_splits, BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=BLOCK_D)
 
 
+def _plan_attention(q, T, G, Hkv, S, num_splits, block_n):
+    """Block sizes, grid and output buffers shared by cache_attention and tree_attention: q is
+    [B, T, H, D] (T queries per row: new tokens or tree branches), G query heads per KV head."""
+    B, _, H, D = q.shape
+    BLOCK_M, BLOCK_N, BLOCK_D = _attention_blocks(T * G, D, q.device, block_n)
+    m_blocks = triton.cdiv(T * G, BLOCK_M)
+    splits = _choose_splits(num_splits, B * Hkv * m_blocks, S, BLOCK_N, q.device)
+    out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
+    if splits > 1:
+        part_o = torch.empty((splits, B * T * H, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((splits, B * T * H), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused
+    return BLOCK_M, BLOCK_N, BLOCK_D, m_blocks, splits, out, part_o, part_lse
+
+
 def cache_attention(q, k_cache, v_cache, cache_lens, scale, *, num_splits=None, block_n=None):
     """Attention of T new queries per row over a KV cache (T = 1 decode, T = K + 1 verify).
 
@@ -263,15 +279,8 @@ def cache_attention(q, k_cache, v_cache, cache_lens, scale, *, num_splits=None, 
     assert T >= 1 and S >= 1
     _check_device(q, k_cache, v_cache, cache_lens)
     G = H // Hkv
-    BLOCK_M, BLOCK_N, BLOCK_D = _attention_blocks(T * G, D, q.device, block_n)
-    m_blocks = triton.cdiv(T * G, BLOCK_M)
-    splits = _choose_splits(num_splits, B * Hkv * m_blocks, S, BLOCK_N, q.device)
-    out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
-    if splits > 1:
-        part_o = torch.empty((splits, B * T * H, D), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((splits, B * T * H), dtype=torch.float32, device=q.device)
-    else:
-        part_o = part_lse = out  # unused
+    BLOCK_M, BLOCK_N, BLOCK_D, m_blocks, splits, out, part_o, part_lse = _plan_attention(
+        q, T, G, Hkv, S, num_splits, block_n)
     _cache_attention_kernel[(B * Hkv, m_blocks, splits)](
         q, k_cache, v_cache, cache_lens, out, part_o, part_lse,
         T, H, Hkv, G, S, D, float(scale) * LOG2E, cache_lens.stride(0),
@@ -427,15 +436,8 @@ def tree_attention(q, k_cache, v_cache, trunk_lens, branch_glue, k_tree, v_tree,
         "branch_glue must be an int tensor [B, N]"
     _check_device(q, k_cache, v_cache, trunk_lens, branch_glue, k_tree, v_tree)
     G = H // Hkv
-    BLOCK_M, BLOCK_N, BLOCK_D = _attention_blocks(N * G, D, q.device, block_n)
-    m_blocks = triton.cdiv(N * G, BLOCK_M)
-    splits = _choose_splits(num_splits, B * Hkv * m_blocks, S, BLOCK_N, q.device)
-    out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
-    if splits > 1:
-        part_o = torch.empty((splits, B * N * H, D), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((splits, B * N * H), dtype=torch.float32, device=q.device)
-    else:
-        part_o = part_lse = out
+    BLOCK_M, BLOCK_N, BLOCK_D, m_blocks, splits, out, part_o, part_lse = _plan_attention(
+        q, N, G, Hkv, S, num_splits, block_n)
     _tree_attention_kernel[(B * Hkv, m_blocks, splits)](
         q, k_cache, v_cache, trunk_lens, branch_glue, k_tree, v_tree, out, part_o, part_lse,
         N, H, Hkv, G, S, D, depth, float(scale) * LOG2E, trunk_lens.stride(0),
