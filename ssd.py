@@ -463,6 +463,7 @@ class RoundStats:
     fan_out: list | None = None
     times: dict = field(default_factory=dict)
     active: list | None = None  # rows still generating (finished rows ride along, frozen)
+    spans: list = field(default_factory=list)   # ssd_fast: (part, start, end, track) as they really ran
 
 
 class Timer:

@@ -25,7 +25,9 @@ says so once), and gives the same greedy tokens as ssd.py.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +38,14 @@ import torch.nn.functional as F
 import ssd
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def on_device(device):
+    """Make `device` the current CUDA device (a no-op on the CPU). Triton launches, CUDA graph capture
+    and replay, and new streams all use the *current* device, not the one their tensors live on: the
+    draft's work on its own GPU must run under this."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def bucket(batch: int) -> int:
@@ -118,6 +128,10 @@ class FastModel:
         continue each row's valid prefix (query t sees slots 0 .. positions[b, 0] + t).
         With tree = (trunk_lens [B], branch_glue [B, N], depth): SSD's tree step, one query per branch.
         Returns float32 logits [B, T, V]."""
+        with on_device(self.device):
+            return self._forward(tokens, positions, cache, tree)
+
+    def _forward(self, tokens, positions, cache, tree):
         cfg, ops = self.cfg, self.ops
         B, T = tokens.shape
         H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -156,7 +170,7 @@ class Graphed:
     graph is replayed. Capture happens at first use with the real inputs: the warm-up run writes the
     same KV values the replay writes again, so capturing never disturbs the caches."""
 
-    def __init__(self, fn, inputs: dict, pool):
+    def __init__(self, fn, inputs: dict, pool):   # (run under on_device(the model's device))
         self.static = {k: v.clone() for k, v in inputs.items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -192,11 +206,12 @@ class Runner:
         return self._run(key, fn, **inputs)
 
     def _run(self, key, fn, **inputs):
-        if not self.use_graphs:
-            return fn(**inputs)
-        if key not in self.graphs:
-            self.graphs[key] = Graphed(fn, inputs, self.pool)
-        return self.graphs[key](**inputs)
+        with on_device(self.model.device):
+            if not self.use_graphs:
+                return fn(**inputs)
+            if key not in self.graphs:
+                self.graphs[key] = Graphed(fn, inputs, self.pool)
+            return self.graphs[key](**inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +279,8 @@ class Engine:
         """Exact sampling by exponential race: argmax p / E with E ~ Exp(1), no host sync."""
         flat = probs.reshape(-1, probs.shape[-1]).float().contiguous()
         noise = torch.empty_like(flat).exponential_(generator=gen)
-        return self.ops.sample_exponential_race(flat, noise).reshape(probs.shape[:-1])
+        with on_device(flat.device):
+            return self.ops.sample_exponential_race(flat, noise).reshape(probs.shape[:-1])
 
     def _cache(self, model, name, batch, branches=0, k=0):
         key = (name, batch, branches, k)
@@ -396,8 +412,10 @@ class Engine:
         st.next_hit = [bool(row[-1]) for row in packed]
         st.active[:len(packed)] = torch.tensor([not d for d in st.done], device=self.device)
 
-    def _timed(self, stats, name):
-        return _Timer(stats, name, self.profile and self.on_gpu)
+    def _timed(self, stats, name, devices=None):
+        """Time a part of the round; profile=True synchronizes `devices` (default: both) around it."""
+        devices = devices or {self.device, self.draft_device}
+        return _Timer(stats, name, devices if self.profile and self.on_gpu else (), self.profile)
 
     # --- rounds ---------------------------------------------------------------------------------
 
@@ -577,9 +595,9 @@ class Engine:
         keys (j, candidate) and, per key, K tokens and the K q rows they were sampled from."""
         K, dev = req.k, self.draft_device
         gen = self.worker.gen if self.worker is not None else None
-        with self._timed(stats, "glue"):
+        with self._timed(stats, "glue", [dev]):
             glue = self.d_run.step(self.dc, torch.cat([r, proposal], 1), m1[:, None] + torch.arange(K + 1, device=dev))
-        with self._timed(stats, "tree"):
+        with self._timed(stats, "tree", [dev]):
             scores = glue.clone()
             scores[:, :K].scatter_(-1, proposal[..., None], float("-inf"))   # s_{j+1} would have been accepted
             cand = torch.cat([scores[:, j].topk(fan[j], dim=-1).indices for j in range(K + 1) if fan[j]], 1)
@@ -708,7 +726,7 @@ class DraftWorker:
         return self.pool.submit(self._on_stream, ready, fn, *args)
 
     def _on_stream(self, ready, fn, *args):
-        with torch.cuda.stream(self.stream):
+        with on_device(self.device), torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
             return _no_grad_call(fn, *args)
 
@@ -763,6 +781,8 @@ class _Run:
                     torch.cuda.set_sync_debug_mode("default")
             packed = torch.cat([n[:, None], new, hit_next[:, None].long()], 1)[:B].tolist()  # the one sync
             stats.times["round"] = time.perf_counter() - t_round
+            if eng.profile:
+                stats.spans.append(("round", t_round, t_round + stats.times["round"], "round"))
             stats.active = active
             eng._commit_host(st, self.req, packed, stats)
             self.est.update(stats)
@@ -843,18 +863,25 @@ class _CfgOnly:
 
 
 class _Timer:
-    def __init__(self, stats, name, sync):
-        self.stats, self.name, self.sync = stats, name, sync
+    """Adds a part's seconds to stats.times; when profiling, also its real span (perf_counter start,
+    end, and the thread it ran on: the draft worker's parts overlap the main thread's verify)."""
+
+    def __init__(self, stats, name, sync_devices, spans=False):
+        self.stats, self.name, self.sync_devices, self.spans = stats, name, sync_devices, spans
 
     def __enter__(self):
-        if self.sync:
-            torch.cuda.synchronize()
+        for d in self.sync_devices:
+            torch.cuda.synchronize(d)
         self.t0 = time.perf_counter()
 
     def __exit__(self, *exc):
-        if self.sync:
-            torch.cuda.synchronize()
-        self.stats.times[self.name] = self.stats.times.get(self.name, 0.0) + time.perf_counter() - self.t0
+        for d in self.sync_devices:
+            torch.cuda.synchronize(d)
+        t1 = time.perf_counter()
+        self.stats.times[self.name] = self.stats.times.get(self.name, 0.0) + t1 - self.t0
+        if self.spans:
+            track = "draft worker" if threading.current_thread().name.startswith("ssd-draft") else "main thread"
+            self.stats.spans.append((self.name, self.t0, t1, track))
 
 
 if __name__ == "__main__":  # the command line, shared with ssd.py: python ssd_fast.py --help

@@ -724,7 +724,19 @@ class Bench:
             pred = speed_model.predict(it["mode"], {n: v / 1e3 for n, v in parts.items()}, out, out["k_used"] or 0,
                                        len(batches[0]), overlap=overlap, t_handshake_extra=extra)
             out["predicted_tok_s"] = pred
+            if system == "ssd" and (overlap or a.smoke) and B <= 4:   # the real timeline of the overlapped engine (a Chrome trace)
+                out["trace"] = self.write_trace(eng, pair, batches[0], dict(kw, k=out["k_used"]), it)
         return out
+
+    def write_trace(self, eng, pair, batch, kw, it) -> str:
+        import cli
+        res = eng.generate(batch, **dict(kw, profile=True))
+        name = f"trace_{pair.name}_ssd_T{it['temperature']:g}_B{it['batch']}_K{kw['k']}_C{it['c']:g}.json"
+        path = Path(self.args.out) / "traces" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        title = f"SSD {pair.name}, T={it['temperature']:g}, batch {it['batch']}, K={kw['k']}, draft on {eng.draft_device}"
+        path.write_text(json.dumps(cli.chrome_trace(res, title)))
+        return str(path.relative_to(self.args.out))
 
 
 def _json_default(x):
@@ -779,10 +791,21 @@ def goals(records) -> list[dict]:
     ssd_r, sd_r, ar_r = best(records, system="ssd", c=1.0, **m), best(records, system="sd", **m), best(records, system="ar", **m)
     hfa = best(records, system="hf_assisted", **m)
     out = []
-    for name, other, goal in (("SSD vs our SD", sd_r, 1.5), ("SSD vs our AR", ar_r, 3.0),
+    for name, other, goal in (("SSD vs our SD (benchmark issue: 1.5x; multi-GPU issue: 1.4x)", sd_r, 1.5),
+                              ("SSD vs our AR (benchmark issue: 3x; multi-GPU issue: 2x)", ar_r, 3.0),
                               ("SSD vs transformers assisted generation", hfa, 5.0)):
         ratio = ssd_r["decode_tok_s"] / other["decode_tok_s"] if ssd_r and other else None
         out.append(dict(goal=name, target=goal, ratio=ratio, met=None if ratio is None else ratio >= goal))
+    # The multi-GPU issue's two others: the cache hit rate, and a hit round's time against the bare verify
+    # (the verify part of the profiled run at the same K): the limit where drafting is fully hidden.
+    hit = ssd_r.get("hit_rate") if ssd_r else None
+    out.append(dict(goal="SSD cache hit rate (per row)", target=0.8, ratio=hit, unit="",
+                    met=None if hit is None else hit >= 0.8))
+    verify = ((ssd_r or {}).get("parts_ms") or {}).get("verify")
+    clean = (ssd_r or {}).get("round_ms_clean")
+    ratio = clean / verify if clean and verify else None
+    out.append(dict(goal="SSD round time on a hit / bare verify time", target=1.1, ratio=ratio, unit="x", at_most=True,
+                    met=None if ratio is None else ratio <= 1.1))
     return out
 
 
@@ -801,7 +824,7 @@ def batch_scaling(records, pair, t) -> list[dict]:
         if s:
             p = s.get("parts_ms") or {}
             row.update(k=s.get("k_used"), hit_rate=s.get("hit_rate"), round_hit=s.get("round_hit"),
-                       verify_ms=p.get("verify"), draft_side_ms=(p.get("glue", 0) + p.get("tree", 0)) if p else None,
+                       round_ms_clean=s.get("round_ms_clean"), verify_ms=p.get("verify"), draft_side_ms=(p.get("glue", 0) + p.get("tree", 0)) if p else None,
                        backups=s.get("backups"))
             why = []
             if row["round_hit"] is not None and row["hit_rate"] is not None:
@@ -812,6 +835,8 @@ def batch_scaling(records, pair, t) -> list[dict]:
                 if s.get("overlap"):
                     why.append(f"draft side {fmt(row['draft_side_ms'], 2)} ms {'fits inside' if hidden else 'exceeds'} "
                                f"the verify {fmt(row['verify_ms'], 2)} ms")
+                    if row.get("round_ms_clean"):
+                        why.append(f"a round without backup takes {fmt(row['round_ms_clean'], 2)} ms")
                 else:
                     why.append(f"one device, no overlap: the draft side {fmt(row['draft_side_ms'], 2)} ms adds to the "
                                f"verify {fmt(row['verify_ms'], 2)} ms")
@@ -946,8 +971,9 @@ def write_report(results, out: Path) -> list[Path]:
     L += ["", "## Goals (expanded pair, batch 1, T = 0, best K of each)", "", "| goal | ratio | target | met |",
           "| --- | ---: | ---: | --- |"]
     for g in results["goals"]:
-        L.append(f"| {g['goal']} | {fmt(g['ratio'], 2) + 'x' if g['ratio'] else 'not measured'} | {g['target']}x | "
-                 f"{'' if g['met'] is None else ('yes' if g['met'] else 'NO')} |")
+        unit, cmp = g.get("unit", "x"), "at most " if g.get("at_most") else ""
+        L.append(f"| {g['goal']} | {fmt(g['ratio'], 2) + unit if g['ratio'] is not None else 'not measured'} | "
+                 f"{cmp}{g['target']}{unit} | {'' if g['met'] is None else ('yes' if g['met'] else 'NO')} |")
     L += ["", "## SSD vs K (batch 1)", "", "| pair | T | K | SD tok/s | SSD tok/s | SSD/SD | SSD/AR | a | hit | "
           "tok/round SD | tok/round SSD |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in k_sweep(recs):

@@ -18,6 +18,6 @@ fi
 export SSD_CACHE_DIR=${SSD_CACHE_DIR:-$HOME/ssd-cache}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import embedded; embedded.ensure_target()" 2>&1 | tail -2
-timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m gpu tests/test_fast.py tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m gpu ${TESTS:-tests/test_fast.py tests/test_kernels.py} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 timeout ${BENCH_TIMEOUT:-400} python3 scripts/bench_fast.py --out "$OUT/bench_fast.json" ${BENCH_ARGS:-} 2>&1 \
   | grep -v "Loading weights\|de-quantizing" | tee "$OUT/bench.log" | grep -v '^ \|^{\|^}'

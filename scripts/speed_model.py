@@ -79,12 +79,15 @@ def round_stats(rounds, k: int) -> dict:
     miss (E_fast), and the measured tokens per round and row."""
     draft_n, fast_tokens, hits, all_tokens = [], [], [], []
     rounds_total = rounds_clean = 0
+    round_s = {True: [], False: []}    # wall time of a round, by "needed no backup"
     for r in rounds:
         accepted, active = _get(r, "accepted") or [], _get(r, "active")
         hit, backup = _get(r, "hit"), _get(r, "backup")
         active = active if active is not None else [True] * len(accepted)
         rounds_total += 1
         rounds_clean += backup is None
+        if "round" in (_get(r, "times") or {}):
+            round_s[backup is None].append(_get(r, "times")["round"])
         for b, n in enumerate(accepted):
             if not active[b]:
                 continue
@@ -100,7 +103,11 @@ def round_stats(rounds, k: int) -> dict:
                 round_hit=rounds_clean / rounds_total if rounds_total else None,
                 tokens_fast=statistics.mean(fast_tokens) if fast_tokens else None,
                 tokens_per_round=statistics.mean(all_tokens) if all_tokens else None,
-                rounds=rounds_total)
+                rounds=rounds_total,
+                # SSD: a clean round is one where every row hit (no backup); its time against the bare
+                # verify says how much of the drafting the overlap hid.
+                round_ms_clean=1e3 * statistics.median(round_s[True]) if round_s[True] else None,
+                round_ms_backup=1e3 * statistics.median(round_s[False]) if round_s[False] else None)
 
 
 def parts_from_profile(rounds, skip_first: bool = True) -> dict:

@@ -271,6 +271,11 @@ def test_bench_smoke_end_to_end(tmp_path):
             assert r["tokens_per_round"] >= 1 and 0 <= r["alpha"] <= 1
         if r["system"] == "ssd":
             assert 0 <= r["hit_rate"] <= 1 and r["concurrent"]
+            if r["batch"] <= 4:   # the measured timeline, with the draft worker's track
+                trace = json.loads((out / r["trace"]).read_text())
+                tracks = {e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+                assert "draft worker" in tracks and any(e["name"] == "verify" for e in trace["traceEvents"])
+    assert any("SSD round time on a hit" in g["goal"] for g in res["goals"])
     assert not any(r["system"] == "hf_assisted" and r["batch"] > 1 for r in recs)
     assert "PROJECTION" in md and "tiny_expanded" in md and "Where SSD stops paying off" in md
     assert res["projection"]["label"].startswith("PROJECTION")

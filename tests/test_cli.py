@@ -357,11 +357,11 @@ def test_sigint_subprocess_prints_what_was_generated(tiny_dirs):
 # The timeline and the interactive loop
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["reference", "fast"])
-def test_profile_writes_a_chrome_trace(tiny_dirs, capsys, tmp_path, backend):
+def test_profile_writes_a_chrome_trace(tiny_dirs, capsys, tmp_path):
+    """The reference's parts ran one after another: laid end to end, the draft's overlap drawn as it would be."""
     path = tmp_path / "trace.json"
     data = run_json(capsys, "--prompt", "Hi", *pair(tiny_dirs, "target"), "--k", "2", "--max-new-tokens", "7",
-                    "--no-chat", "--profile", path, backend=backend)
+                    "--no-chat", "--profile", path, backend="reference")
     trace = json.loads(path.read_text())
     events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     names = {e["name"] for e in events}
@@ -374,6 +374,27 @@ def test_profile_writes_a_chrome_trace(tiny_dirs, capsys, tmp_path, backend):
     glue = [e for e in events if e["tid"] == 2 and e["name"] == "glue"]
     assert len(verify) == len(glue) == len(data["rounds"]) and [e["ts"] for e in glue] == [e["ts"] for e in verify]
     assert all(e["dur"] >= 0 and "round" in e["args"] for e in events if e["name"] != "prefill")
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_fast_profile_trace_shows_the_real_spans(tiny_dirs, capsys, tmp_path, concurrent):
+    """The fast engine's trace holds the measured spans: each part inside its round, and with
+    --concurrent the glue pass and tree decode on the draft worker's track, overlapping the verify."""
+    path = tmp_path / "trace.json"
+    data = run_json(capsys, "--prompt", "Hi", *pair(tiny_dirs, "target"), "--k", "2", "--max-new-tokens", "9",
+                    "--no-chat", "--profile", path, *(["--concurrent"] if concurrent else []), backend="fast")
+    trace = json.loads(path.read_text())
+    threads = {e["args"]["name"]: e["tid"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+    events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    rounds = sorted((e for e in events if e["name"].startswith("round ")), key=lambda e: e["ts"])
+    assert len(rounds) == len(data["rounds"]) and {"prefill", "lookup", "verify", "glue", "tree"} <= {e["name"] for e in events}
+    for e in events:
+        if e["name"] not in ("prefill",) and not e["name"].startswith("round "):
+            r = rounds[e["args"]["round"]]
+            assert r["ts"] - 1 <= e["ts"] and e["ts"] + e["dur"] <= r["ts"] + r["dur"] + 1, e
+    glue_track = {e["tid"] for e in events if e["name"] in ("glue", "tree")}
+    assert glue_track == {threads["draft worker" if concurrent else "main thread"]}
+    assert {e["tid"] for e in events if e["name"] == "verify"} == {threads["main thread"]}
 
 
 def test_interactive_keeps_the_conversation(tiny_dirs, capsys, monkeypatch, tok):

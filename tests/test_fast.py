@@ -110,10 +110,15 @@ def test_gpu_graphs_on_and_off_agree(pair):
             off.generate(PROMPTS, max_new_tokens=20, eos_token_id=[], **kw).tokens
 
 
+def _second_gpu():
+    return "cuda:1" if torch.cuda.device_count() > 1 else None
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["ar", "sd", "ssd"])
-def test_gpu_round_has_no_host_sync(pair, mode):
-    engine = ssd_fast.Engine(*pair, device="cuda")
+@pytest.mark.parametrize("mode,concurrent", [("ar", False), ("sd", False), ("ssd", False), ("ssd", True)])
+def test_gpu_round_has_no_host_sync(pair, mode, concurrent):
+    """One host synchronization per round, also with the draft side on its own stream / second GPU."""
+    engine = ssd_fast.Engine(*pair, device="cuda", concurrent=concurrent, draft_device=_second_gpu() if concurrent else None)
     engine.generate(PROMPTS, mode=mode, k=3, max_new_tokens=8, eos_token_id=[])    # capture graphs first
     engine.check_sync = True
     engine.generate(PROMPTS, mode=mode, k=3, max_new_tokens=16, eos_token_id=[], backup="jit")
@@ -252,3 +257,29 @@ def test_continuous_batching_admits_without_disturbing(pair, request, mode, engi
     for row, prompt in expected.items():
         ref = ssd.generate(pair[0], prompt, max_new_tokens=12, eos_token_id=[]).tokens[0]
         assert out.tokens[row] == ref, (row, prompt)
+
+
+@pytest.mark.gpu
+def test_gpu_two_gpus_bf16_graphs_greedy_agree(pair):
+    """The draft on its own GPU (when there are two), bf16, CUDA graphs, concurrent: SSD's greedy tokens
+    equal the same engine's AR tokens (same target kernels), for ragged batches of 1 and 4."""
+    engine = ssd_fast.Engine(*pair, device="cuda", concurrent=True, draft_device=_second_gpu())
+    for batch in (1, 4):
+        ar = engine.generate(PROMPTS[:batch], mode="ar", max_new_tokens=24, eos_token_id=[]).tokens
+        for kw in (dict(k=3, backup="jit"), dict(k=4, backup="fast"), dict(k="auto")):
+            assert engine.generate(PROMPTS[:batch], mode="ssd", max_new_tokens=24, eos_token_id=[], **kw).tokens == ar
+
+
+@pytest.mark.gpu
+def test_gpu_two_gpus_concurrent_distribution(small):
+    """The distribution test with the draft side concurrent on its own GPU (or stream), float32."""
+    target, draft = small
+    engine = ssd_fast.Engine(target, draft, device="cuda", dtype=torch.float32, concurrent=True,
+                             draft_device=_second_gpu())
+    prompt = [1, 4, 2, 5, 0]
+    samples = []
+    for seed in range(te.N_SAMPLES // 500):
+        out = engine.generate([prompt] * 500, temperature=1.0, max_new_tokens=te.N_TOKENS, eos_token_id=[],
+                              seed=seed, **te.PATHS["ssd-jit"])
+        samples += [tuple(t[te.WINDOW]) for t in out.tokens]
+    assert te.chi_square_p_value(samples, te.exact_joint(target, prompt, te.N_TOKENS, te.WINDOW)) > 1e-3

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Every GPU run of one session on the lent 4-GPU H200 machine (nvidia-h200-x4), in three device calls that
+# follow each other while the machine is warm (files under ~ survive between them):
+#
+#   phase 1, carry [".stage/a"]:          bash scripts/gpu_session.sh tests
+#       stage GGUF part 0 and the distillation text; GPU tests (GPUs 0,1: tests/test_fast.py incl. the
+#       two-GPU ones; GPU 2: tests/test_kernels.py and tests/test_tp.py); the 8B step profile (GPU 3)
+#   phase 2, carry [".stage/b", ".whl"]:  bash scripts/gpu_session.sh baselines
+#       join the GGUF, convert SmolLM2 once; in parallel: the draft distillation (GPU 3), the
+#       draft-independent baselines: transformers on the expanded pair (GPU 0), random8b and the
+#       SmolLM2 pair's transformers/AR (GPUs 1,2)
+#   phase 3, no carry:                    bash scripts/gpu_session.sh bench
+#       the distilled draft replaces models/smollm2-draft on the device if it scores better; then our
+#       AR/SD/SSD (draft on its own GPU) and transformers' assisted generation: expanded T=0 (GPUs 0,1),
+#       expanded T=1 then the SmolLM2 pair (GPUs 2,3)
+#
+# The jobs of one phase run side by side on different GPUs (BENCHMARKS.md says which ran next to which).
+# Results: bench directories under ~/bench, packed into $OUT/PHASE.tgz after each phase; unpack them all
+# and merge with `python scripts/bench.py --report-only --out DIR --merge ...`.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+phase=${1:?tests, baselines or bench}
+OUT=${OUT:-out}
+R=$HOME/bench/$phase
+mkdir -p "$R" ~/stage
+export SSD_CACHE_DIR=$HOME/ssd-cache
+on() { local gpus=$1 name=$2; shift 2; (CUDA_VISIBLE_DEVICES=$gpus "$@" > "$R/$name.log" 2>&1; echo "[$name: exit $?]" >> "$R/$name.log") & }
+if [ -d ~/site ]; then export PYTHONPATH=$HOME/site; fi
+if [ -f ~/stage/smollm2.gguf ]; then export SSD_GGUF=$HOME/stage/smollm2.gguf; fi
+B="timeout 530 python3 scripts/bench.py --new-tokens 128"
+
+case $phase in
+tests)
+  cp .stage/a/* ~/stage/ 2>/dev/null
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$R/gpus.txt"
+  on 0,1 gpu_tests_fast timeout 460 python3 -m pytest -q -m gpu tests/test_fast.py
+  on 2 gpu_tests_kernels timeout 460 python3 -m pytest -q -m gpu tests/test_kernels.py $(ls tests/test_tp.py 2>/dev/null)
+  on 3 profile_step timeout 300 python3 scripts/profile_step.py --out "$R"
+  ;;
+baselines)
+  cat ~/stage/gguf.part.0 .stage/b/gguf.part.1 .stage/b/gguf.part.2 > ~/stage/smollm2.gguf || exit 1
+  echo "$(cat .stage/b/gguf.sha256)  $HOME/stage/smollm2.gguf" | sha256sum -c || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target ~/site .whl/*.whl || exit 1
+  export PYTHONPATH=$HOME/site SSD_GGUF=$HOME/stage/smollm2.gguf
+  python3 -c "import embedded; embedded.ensure_target()" 2>&1 | tail -1
+  on 3 distill timeout 540 python3 scripts/distill_draft.py train --gguf ~/stage/smollm2.gguf --pd-text ~/stage/pd_text.jsonl.gz \
+      --out "$R/distill" --seed 0 --shapes ${SHAPE:-d384_l4_h6_kv2_i1280} --n-samples 16384 --budget-seconds 450 \
+      --reserve-seconds 80
+  on 0 hf_expanded $B --out ~/bench/hf_expanded --pairs expanded --systems hf,hf_static --batch-sizes 1,4,16 \
+      --temperatures 0,1 --budget-s 400
+  on 1,2 random8b_smollm2 bash -c "$B --out ~/bench/random8b --pairs random8b --systems ar,sd,ssd,hf,hf_static \
+      --batch-sizes 1,4,16 --temperatures 0 --ks 2,4 --ks-batched 2,4 --budget-s 230; \
+      $B --out ~/bench/smollm2_base --pairs smollm2 --systems hf,hf_static,ar --batch-sizes 1,4,16 --temperatures 0,1 \
+      --budget-s 160"
+  ;;
+bench)
+  new=$HOME/bench/baselines/distill/${SHAPE:-d384_l4_h6_kv2_i1280}
+  python3 - "$new" <<'EOF' | tee "$R/draft_choice.txt"
+import json, shutil, sys
+from pathlib import Path
+new = Path(sys.argv[1])
+old = json.loads(Path("models/smollm2-draft/distill_eval.json").read_text())["eval"]["d384_l4_h6_kv2_i1024"]["all"]
+try:
+    ev = json.loads((new.parent / "eval.json").read_text())["eval"][new.name]["all"]
+    key = ("greedy_match", "expected_acceptance_T1")
+    print("shipped draft", [old[k] for k in key], "new draft", [ev[k] for k in key])
+    if ev["greedy_match"] > old["greedy_match"] and ev["expected_acceptance_T1"] > old["expected_acceptance_T1"]:
+        for f in ("config.json", "model.safetensors"):
+            shutil.copy(new / f, Path("models/smollm2-draft") / f)
+        print("using the new draft")
+    else:
+        print("keeping the shipped draft")
+except Exception as e:
+    print("keeping the shipped draft:", repr(e))
+EOF
+  on 0,1 expanded_t0 $B --out ~/bench/expanded_t0 --pairs expanded --systems ar,sd,ssd,ssd_seq,hf_assisted \
+      --batch-sizes 1,4,16 --temperatures 0 --ks 2,4,6,8 --ks-batched 2,4,auto --budget-s 440
+  on 2,3 expanded_t1_smollm2 bash -c "$B --out ~/bench/expanded_t1 --pairs expanded --systems ar,sd,ssd,hf_assisted \
+      --batch-sizes 1,4 --temperatures 1 --ks 2,4,6 --ks-batched 4 --budget-s 250; \
+      $B --out ~/bench/smollm2 --pairs smollm2 --systems ref,ar,sd,ssd,hf_assisted --batch-sizes 1,4,16 \
+      --temperatures 0,1 --ks 2,4,6 --ks-batched 4,auto --budget-s 180"
+  ;;
+esac
+wait
+for f in "$R"/*.log; do echo "== $f"; grep -v "it/s\]\|run/s\]\|s/run\]" "$f" | tail -n 12; done
+tar czf "$OUT/$phase.tgz" -C "$HOME/bench" . --exclude='*.safetensors' 2>/dev/null
+if [ -d "$R/distill" ]; then mkdir -p "$OUT/distill" && cp -r "$R"/distill/* "$OUT/distill/" 2>/dev/null; fi
+ls -la "$OUT"

@@ -1,0 +1,132 @@
+"""Where the time of one memory-bound decode step goes (random-weight Llama-3-8B shape, batch 1, bf16).
+
+    python scripts/profile_step.py [--out DIR]        (a CUDA GPU; about a minute)
+
+Prints, for the fast engine's AR step:
+  1. the step's CUDA graph replayed back to back (device time per token) against a whole AR round of
+     Engine.generate (graph + the eager bookkeeping + the one host synchronization): the difference is
+     what the host costs per token;
+  2. the kernels of one eager step by device time (torch.profiler), grouped;
+  3. each weight matrix's GEMV (F.linear with one row) alone: achieved bytes/s against the measured
+     copy bandwidth, which says how close cuBLAS gets to the floor on these shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "scripts"):
+    sys.path.insert(0, str(p))
+import ssd  # noqa: E402
+import ssd_fast  # noqa: E402
+
+
+def llama8b():
+    c = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+             num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=131072,
+             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+             tie_word_embeddings=False)
+    cfg = ssd.ModelConfig.from_dict(c)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = ssd.Transformer(cfg)
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
+    model.inv_freq, model.attn_scale = ssd.rope_inv_freq(cfg)
+    return model
+
+
+def event_time(fn, reps=50, warmup=5) -> float:
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    import bench_fast
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    bw = bench_fast.measure_bandwidth()
+    res["bandwidth_Bps"] = bw
+    model = llama8b()
+    engine = ssd_fast.Engine(model, None, device="cuda", max_seq=1024, log=lambda *a: None)
+    fm = engine.target
+    weights = sum(t.numel() * t.element_size() for L in fm.layers for t in L.values() if t is not None)
+    weights += fm.lm_head.numel() * 2 + fm.norm.numel() * 2
+    res["floor_s"] = weights / bw
+
+    # 1. graph replay vs a whole round
+    prompt = [[int(x) for x in torch.randint(0, 128256, (16,))]]
+    out = engine.generate(prompt, mode="ar", max_new_tokens=128, eos_token_id=[])
+    rounds = [r.times["round"] for r in out.rounds[2:]]
+    res["round_s"] = statistics.median(rounds)
+    graph = [g for k, g in engine.t_run.graphs.items() if k[0] == "ar"][0]
+    res["graph_replay_s"] = event_time(graph.graph.replay)
+    tc = engine.tc
+    tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    pos = torch.full((1, 1), 40, dtype=torch.long, device="cuda")
+    res["eager_forward_s"] = event_time(lambda: fm.forward(tok, pos, tc), reps=10)
+    print(f"floor {1e3 * res['floor_s']:.3f} ms/token ({weights / 1e9:.2f} GB at {bw / 1e12:.2f} TB/s)")
+    print(f"AR round (generate) {1e3 * res['round_s']:.3f} ms | graph replay {1e3 * res['graph_replay_s']:.3f} ms | "
+          f"eager forward {1e3 * res['eager_forward_s']:.3f} ms")
+
+    # 2. kernels of one eager step
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fm.forward(tok, pos, tc)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append((e.key, t / 3 / 1e3, e.count // 3))
+    rows.sort(key=lambda r: -r[1])
+    res["kernels_ms_per_step"] = rows[:25]
+    print("\nkernels of one eager step (device ms per step, launches per step):")
+    for name, ms, n in rows[:25]:
+        print(f"  {ms:8.3f} ms  x{n:<4d} {name[:110]}")
+
+    # 3. each projection's GEMV alone
+    L = fm.layers[0]
+    shapes = {"wqkv": L["wqkv"], "wo": L["wo"], "w_gate_up": L["w_gate_up"], "w_down": L["w_down"], "lm_head": fm.lm_head}
+    print("\nGEMV (F.linear, one row, bf16) alone, 4 rotating copies of each weight (beyond the 50 MB L2):")
+    gemv = {}
+    for name, w in shapes.items():
+        ws = itertools.cycle([w.clone() for _ in range(4)])
+        for m in (1, 5):
+            xm = torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16)
+            t = event_time(lambda: F.linear(xm, next(ws)), reps=30)
+            frac = w.numel() * 2 / t / bw
+            gemv[f"{name}_M{m}"] = dict(shape=list(w.shape), s=t, fraction_of_bandwidth=frac)
+            print(f"  {name:10s} {str(list(w.shape)):16s} M={m}: {1e6 * t:8.1f} us, {frac:.0%} of the copy bandwidth")
+        del ws
+    res["gemv"] = gemv
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "profile_step.json").write_text(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
