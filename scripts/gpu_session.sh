@@ -38,7 +38,7 @@ tests)
   on 3 profile_step timeout 300 python3 scripts/profile_step.py --out "$R"
   ;;
 baselines)
-  cat ~/stage/gguf.part.0 .stage/b/gguf.part.1 .stage/b/gguf.part.2 > ~/stage/smollm2.gguf || exit 1
+  cat ~/stage/gguf.part.0 .stage/b/gguf.part.[1-9] > ~/stage/smollm2.gguf || exit 1
   echo "$(cat .stage/b/gguf.sha256)  $HOME/stage/smollm2.gguf" | sha256sum -c || exit 1
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target ~/site .whl/*.whl || exit 1
   export PYTHONPATH=$HOME/site SSD_GGUF=$HOME/stage/smollm2.gguf
