@@ -168,24 +168,34 @@ class FastModel:
 class Graphed:
     """A model step as a CUDA graph for fixed shapes: inputs are copied into static buffers and the
     graph is replayed. Capture happens at first use with the real inputs: the warm-up run writes the
-    same KV values the replay writes again, so capturing never disturbs the caches."""
+    same KV values the replay writes again, so capturing never disturbs the caches.
+
+    Two things matter once the draft works on another thread or GPU. The capture stream is made on the
+    model's own device (torch.cuda.graph's default capture stream is created once, on whichever device
+    captured first). And no capture overlaps another thread's capture or replay: while a capture is
+    open, the device's random generator is in capture mode, and a random draw from another thread (a
+    replayed sampling step) would break it; `lock` serializes them (captures happen in the first
+    rounds only; a replay holds the lock for the microseconds of its launch)."""
+    lock = threading.RLock()
 
     def __init__(self, fn, inputs: dict, pool):   # (run under on_device(the model's device))
-        self.static = {k: v.clone() for k, v in inputs.items()}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn(**self.static)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.out = fn(**self.static)
+        with Graphed.lock:
+            self.static = {k: v.clone() for k, v in inputs.items()}
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    fn(**self.static)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                self.out = fn(**self.static)
 
     def __call__(self, **inputs):
-        for k, v in inputs.items():
-            self.static[k].copy_(v)
-        self.graph.replay()
+        with Graphed.lock:
+            for k, v in inputs.items():
+                self.static[k].copy_(v)
+            self.graph.replay()
         return self.out
 
 

@@ -9,10 +9,11 @@
 #       join the GGUF, convert SmolLM2 once; in parallel: the draft distillation (GPU 3), the
 #       draft-independent baselines: transformers on the expanded pair (GPU 0), random8b and the
 #       SmolLM2 pair's transformers/AR (GPUs 1,2)
-#   phase 3, no carry:                    bash scripts/gpu_session.sh bench
-#       the distilled draft replaces models/smollm2-draft on the device if it scores better; then our
-#       AR/SD/SSD (draft on its own GPU) and transformers' assisted generation: expanded T=0 (GPUs 0,1),
-#       expanded T=1 then the SmolLM2 pair (GPUs 2,3)
+#   phase 3, carry [".stage/b", ".whl"]:  bash scripts/gpu_session.sh bench      (after phase 1)
+#       join the GGUF, convert SmolLM2 once; our AR/SD/SSD (SSD's draft on its own GPU) and transformers'
+#       assisted generation: expanded T=0 (GPUs 0,1), expanded T=1 then the SmolLM2 pair (GPUs 2,3)
+# The tree (~20 MB) and a carried part must stay under 64 MiB: for phase 1, move
+# models/smollm2-draft/model.safetensors out of the tree for the call (no phase-1 job needs it).
 #
 # The jobs of one phase run side by side on different GPUs (BENCHMARKS.md says which ran next to which).
 # Results: bench directories under ~/bench, packed into $OUT/PHASE.tgz after each phase; unpack them all
@@ -27,7 +28,7 @@ export SSD_CACHE_DIR=$HOME/ssd-cache
 on() { local gpus=$1 name=$2; shift 2; (CUDA_VISIBLE_DEVICES=$gpus "$@" > "$R/$name.log" 2>&1; echo "[$name: exit $?]" >> "$R/$name.log") & }
 if [ -d ~/site ]; then export PYTHONPATH=$HOME/site; fi
 if [ -f ~/stage/smollm2.gguf ]; then export SSD_GGUF=$HOME/stage/smollm2.gguf; fi
-B="timeout 530 python3 scripts/bench.py --new-tokens 128"
+B="timeout 510 python3 scripts/bench.py --new-tokens 128"
 
 case $phase in
 tests)
@@ -54,35 +55,21 @@ baselines)
       --budget-s 160"
   ;;
 bench)
-  new=$HOME/bench/baselines/distill/${SHAPE:-d384_l4_h6_kv2_i1280}
-  python3 - "$new" <<'EOF' | tee "$R/draft_choice.txt"
-import json, shutil, sys
-from pathlib import Path
-new = Path(sys.argv[1])
-old = json.loads(Path("models/smollm2-draft/distill_eval.json").read_text())["eval"]["d384_l4_h6_kv2_i1024"]["all"]
-try:
-    ev = json.loads((new.parent / "eval.json").read_text())["eval"][new.name]["all"]
-    key = ("greedy_match", "expected_acceptance_T1")
-    print("shipped draft", [old[k] for k in key], "new draft", [ev[k] for k in key])
-    if ev["greedy_match"] > old["greedy_match"] and ev["expected_acceptance_T1"] > old["expected_acceptance_T1"]:
-        for f in ("config.json", "model.safetensors"):
-            shutil.copy(new / f, Path("models/smollm2-draft") / f)
-        print("using the new draft")
-    else:
-        print("keeping the shipped draft")
-except Exception as e:
-    print("keeping the shipped draft:", repr(e))
-EOF
+  cat ~/stage/gguf.part.0 .stage/b/gguf.part.[1-9] > ~/stage/smollm2.gguf || exit 1
+  echo "$(cat .stage/b/gguf.sha256)  $HOME/stage/smollm2.gguf" | sha256sum -c || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target ~/site .whl/*.whl || exit 1
+  export PYTHONPATH=$HOME/site SSD_GGUF=$HOME/stage/smollm2.gguf
+  python3 -c "import embedded; embedded.ensure_target()" 2>&1 | tail -1
   on 0,1 expanded_t0 $B --out ~/bench/expanded_t0 --pairs expanded --systems ar,sd,ssd,ssd_seq,hf_assisted \
-      --batch-sizes 1,4,16 --temperatures 0 --ks 2,4,6,8 --ks-batched 2,4,auto --budget-s 440
+      --batch-sizes 1,4,16 --temperatures 0 --ks 2,4,6,8 --ks-batched 2,4,auto --budget-s 420
   on 2,3 expanded_t1_smollm2 bash -c "$B --out ~/bench/expanded_t1 --pairs expanded --systems ar,sd,ssd,hf_assisted \
-      --batch-sizes 1,4 --temperatures 1 --ks 2,4,6 --ks-batched 4 --budget-s 250; \
-      $B --out ~/bench/smollm2 --pairs smollm2 --systems ref,ar,sd,ssd,hf_assisted --batch-sizes 1,4,16 \
-      --temperatures 0,1 --ks 2,4,6 --ks-batched 4,auto --budget-s 180"
+      --batch-sizes 1,4 --temperatures 1 --ks 2,4,6 --ks-batched 4 --budget-s 230; \
+      $B --out ~/bench/smollm2 --pairs smollm2 --systems ref,ar,sd,ssd,hf_assisted,hf --batch-sizes 1,4,16 \
+      --temperatures 0,1 --ks 2,4,6 --ks-batched 4,auto --budget-s 170"
   ;;
 esac
 wait
 for f in "$R"/*.log; do echo "== $f"; grep -v "it/s\]\|run/s\]\|s/run\]" "$f" | tail -n 12; done
-tar czf "$OUT/$phase.tgz" -C "$HOME/bench" . --exclude='*.safetensors' 2>/dev/null
+tar czf "$OUT/$phase.tgz" --exclude='*.safetensors' -C "$HOME/bench" . 2>/dev/null
 if [ -d "$R/distill" ]; then mkdir -p "$OUT/distill" && cp -r "$R"/distill/* "$OUT/distill/" 2>/dev/null; fi
 ls -la "$OUT"
