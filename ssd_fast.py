@@ -242,6 +242,7 @@ class Batch:
     last_n: torch.Tensor        # [Bb] outcome n of the last round (the cache key with r)
     spec: dict | None = None    # the speculation cache (device tensors)
     next_hit: list | None = None
+    looked_up: tuple | None = None   # (proposal, q, hit) of the outcome key, found at the end of the last round
 
 
 class Engine:
@@ -279,6 +280,7 @@ class Engine:
         self.concurrent = bool(concurrent)
         self.worker = DraftWorker(self.draft_device if on_gpu else None) if self.concurrent and draft is not None else None
         self.log, self.draft_failed = log, False
+        self.profile = False
 
     # --- small device helpers -----------------------------------------------------------------
 
@@ -340,11 +342,15 @@ class Engine:
                max_new_tokens=64, seed=0, eos_token_id=None, profile=False) -> "_Run":
         if mode != "ar" and self.draft is None:
             raise ValueError(f"mode {mode} needs a draft model: build the Engine with one")
+        batch = 1 if prompts and isinstance(prompts[0], int) else len(prompts)
         if k == "auto":   # measured: the K (and speculation budget) whose drafting the verify hides
-            batch = 1 if prompts and isinstance(prompts[0], int) else len(prompts)
             k, budget, _ = self.choose_lookahead(batch, mode) if mode != "ar" else (1, None, None)
             if mode == "ssd" and fan_out == "auto" and fan_out_budget is None:
                 fan_out_budget = budget
+        elif mode == "ssd" and fan_out == "auto" and fan_out_budget is None and self.worker is not None \
+                and self.on_gpu and isinstance(k, int) and k >= 1:
+            # The draft side runs during the verify: spend what the verify leaves on more speculations.
+            fan_out_budget = self.fit_budget(batch, k, saguaro_c, top_k, top_p)
         req = ssd.make_request(_CfgOnly(self.target.cfg), prompts, _CfgOnly(self.draft.cfg) if self.draft else None,
                                mode, k, temperature, draft_temperature, top_k, top_p, fan_out, fan_out_budget,
                                saguaro_c, backup, miss_exponent, max_new_tokens, seed, eos_token_id, self.max_seq)
@@ -510,8 +516,8 @@ class Engine:
         stats.fan_out = fan
         # 1. The outcome key (n, r) was looked up on the device at the end of the last round.
         stats.hit = list(st.next_hit)
-        with self._timed(stats, "lookup"):
-            proposal, q, hit = self._lookup(st)
+        with self._timed(stats, "lookup"):   # done at the end of the last round (its hit flags were the one sync)
+            proposal, q, hit = st.looked_up if st.looked_up is not None else self._lookup(st)
         # 2. Misses: the jit backup (the draft decodes K tokens now) or the cheap n-gram proposal.
         if not all(h or d for h, d in zip(stats.hit, st.done)):
             stats.backup = req.backup if req.backup != "auto" else ssd.choose_backup(B, est)
@@ -529,8 +535,8 @@ class Engine:
         with self._timed(stats, "wait_draft"):
             st.spec = self._join_draft_side(job)
         self._commit_device(st, n, new)
-        _, _, hit_next = self._lookup(st)
-        return n, new, hit_next
+        st.looked_up = self._lookup(st)
+        return n, new, st.looked_up[2]
 
     def _backup(self, st, req, fan, stats):
         if stats.backup == "jit":
@@ -678,6 +684,40 @@ class Engine:
                 best = (score, k, n)
         self.calibrated[key] = (best[1], best[2], table)
         return self.calibrated[key]
+
+    def fit_budget(self, batch, k, c=1.0, top_k=0, top_p=1.0, margin=0.85,
+                   budgets=(8, 12, 16, 24, 32, 48, 64, 96, 128)) -> int:
+        """The speculation budget (branches per row) for SSD with the draft side running concurrently:
+        the largest whose real draft side (glue pass, fork, K tree steps: _build_speculation_cache, timed
+        as it runs) takes at most `margin` of the target's verify at this batch size. More branches
+        cover more outcomes (a higher hit rate, fewer backups); past the verify they make the target wait."""
+        Bb = bucket(batch)
+        key = ("budget", Bb, k, c, top_k, top_p, margin, tuple(budgets))
+        if key in self.calibrated:
+            return self.calibrated[key]
+        dev, dd = self.device, self.draft_device
+        tc = self._cache(self.target, "target", Bb)
+        S = tc.slots
+        pos = (S - k - 2 + torch.arange(k + 1, device=dev))[None].expand(Bb, -1).contiguous()
+        t_verify = self._time(lambda: self.t_run.step(tc, torch.zeros_like(pos), pos))
+        m1 = torch.full((Bb,), S - k - 2, device=dd)
+        r, proposal = torch.zeros(Bb, 1, dtype=torch.long, device=dd), torch.zeros(Bb, k, dtype=torch.long, device=dd)
+        req = _Calib(k=k, c=c, top_k=top_k, top_p=top_p, t_draft=torch.zeros(Bb, device=dd))
+        saved, best = getattr(self, "dc", None), budgets[0]
+        try:
+            for n in budgets:
+                n = min(n, self.target.cfg.vocab_size - 1)
+                self.dc = self._cache(self.draft, "draft", Bb, n, k)
+                fan = ssd.geometric_fan_out(k, n, 0.6)
+                side = self._time(lambda: self._build_speculation_cache(m1, r, proposal, fan, req, ssd.RoundStats([])))
+                if side > margin * t_verify:
+                    break
+                best = n
+        finally:
+            self.dc = saved
+        self.log(f"ssd_fast: speculation budget {best} per row (verify {1e3 * t_verify:.2f} ms at batch {Bb}, K={k})")
+        self.calibrated[key] = best
+        return best
 
     def _time(self, fn, reps=3):
         fn()
@@ -844,6 +884,8 @@ class _Run:
         st.lens[b], st.last_n[b] = T + 1, 0
         if st.spec is not None:    # the old occupant's speculations must never match
             st.spec["j"][b] = -1
+        if st.looked_up is not None:
+            st.looked_up[2][b] = False
         if b >= self.B:
             for _ in range(b + 1 - self.B):
                 st.tokens.append([]), st.prompt_lens.append(0), st.done.append(True), st.finish.append(None)
@@ -863,6 +905,13 @@ class _RowCache:
         self.k = [t[row:row + 1] for t in cache.k]
         self.v = [t[row:row + 1] for t in cache.v]
         self.k_tree, self.v_tree, self.slots = None, None, cache.slots
+
+
+class _Calib:
+    """The request fields the draft side reads, for timing it outside a generation."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
 
 
 class _CfgOnly:

@@ -283,3 +283,32 @@ def test_gpu_two_gpus_concurrent_distribution(small):
                               seed=seed, **te.PATHS["ssd-jit"])
         samples += [tuple(t[te.WINDOW]) for t in out.tokens]
     assert te.chi_square_p_value(samples, te.exact_joint(target, prompt, te.N_TOKENS, te.WINDOW)) > 1e-3
+
+
+def test_fit_budget_measures_the_draft_side(pair):
+    """fit_budget times the real draft side against the verify and returns one of the candidate
+    budgets; SSD with the budget it picked stays exact (greedy = AR)."""
+    messages = []
+    engine = ssd_fast.Engine(*pair, device="cpu", concurrent=True, log=messages.append)
+    budget = engine.fit_budget(2, 3, budgets=(2, 4, 8, 16))
+    assert budget in (2, 4, 8, 16) and any("speculation budget" in m for m in messages)
+    assert engine.fit_budget(2, 3, budgets=(2, 4, 8, 16)) == budget            # cached
+    ref = ssd.generate(pair[0], PROMPTS[:2], max_new_tokens=16, eos_token_id=[]).tokens
+    out = engine.generate(PROMPTS[:2], mode="ssd", k=3, fan_out_budget=budget, max_new_tokens=16, eos_token_id=[])
+    assert out.tokens == ref
+
+
+def test_lookup_at_round_end_is_reused(pair, cpu_engine):
+    """The outcome key is looked up once per round (at its end); the next round starts from it."""
+    calls = {"n": 0}
+    original = cpu_engine._lookup
+
+    def counting(st):
+        calls["n"] += 1
+        return original(st)
+    cpu_engine._lookup = counting
+    try:
+        out = cpu_engine.generate(PROMPTS[:1], mode="ssd", k=3, max_new_tokens=16, eos_token_id=[])
+    finally:
+        del cpu_engine._lookup
+    assert calls["n"] == len(out.rounds) + 1      # one per round, plus the first round's (empty cache)
