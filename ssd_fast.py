@@ -273,7 +273,8 @@ class Engine:
         graphs = cuda_graphs and on_gpu
         if tp > 1:   # the target split over tp processes, this one being rank 0 (tp.py)
             import tp as tensor_parallel
-            self.target = tensor_parallel.TPTarget(target, tp, tp_loader, self.device, self.dtype, self.ops, graphs, log)
+            self.target = tensor_parallel.TPTarget(target, tp, tp_loader, self.device, self.dtype, self.ops, graphs,
+                                                   log)
             self.t_run = tensor_parallel.TPRunner(self.target, graphs)
         else:
             self.target = FastModel(target, self.device, self.dtype, self.ops)
