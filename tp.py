@@ -283,6 +283,8 @@ class TPTarget(TPShard):
                  ops: ssd_fast.Ops | None = None, cuda_graphs=True, log=print):
         device = torch.device(device)
         on_gpu = device.type == "cuda"
+        if on_gpu and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         check_divisible(target.cfg, world)
         first = (device.index or 0) if on_gpu else 0
         if on_gpu and first + world > torch.cuda.device_count():
@@ -358,7 +360,8 @@ class TPTarget(TPShard):
             self._send(("capture", capture.graph_id, ref, shape))
         if capture is not None:
             capture.forwards += 1
-        return self._forward(cache, shape, tokens, positions)
+        with ssd_fast.on_device(self.device):      # Triton launches and streams use the current device
+            return self._forward(cache, shape, tokens, positions)
 
     def capture(self, fn, inputs: dict, pool) -> ssd_fast.Graphed:
         """ssd_fast.Graphed(fn, inputs, pool) with the workers capturing the same forward alongside."""
@@ -498,11 +501,12 @@ class TPRunner(ssd_fast.Runner):
         model._runners.add(self)
 
     def _run(self, key, fn, **inputs):
-        if not self.use_graphs:
-            return fn(**inputs)       # eager: every forward sends its own header
-        if key not in self.graphs:
-            self.graphs[key] = self.model.capture(fn, inputs, self.pool)
-        return self.model.replay(self.graphs[key], inputs)
+        with ssd_fast.on_device(self.model.device):
+            if not self.use_graphs:
+                return fn(**inputs)       # eager: every forward sends its own header
+            if key not in self.graphs:
+                self.graphs[key] = self.model.capture(fn, inputs, self.pool)
+            return self.model.replay(self.graphs[key], inputs)
 
 
 def choose_draft_device(device, world, log):
