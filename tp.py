@@ -536,6 +536,7 @@ def _worker_main(rank, world, init, backend, timeout, loader, where, dtype, use_
     """Build the target with `loader`, keep rank's shard, then mirror rank 0's commands until "stop" (or until
     rank 0 is gone: the command pipe then reads EOF). Errors go back to rank 0 as ("error", traceback)."""
     code = 1
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     try:
         device = torch.device(where)
         if device.type == "cuda":
@@ -598,6 +599,13 @@ def _serve(shard: TPShard, commands, use_graphs) -> dict:
             return graphs
         else:
             raise ValueError(f"unknown tensor-parallel command {op!r}")
+
+
+def _exit_when_orphaned(parent: int):
+    """Rank 0 died: exit even if this worker is blocked (in a collective whose peer is gone, say)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _check_link(device, world):

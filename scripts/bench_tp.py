@@ -31,6 +31,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -178,9 +179,16 @@ def run_child(a, world: int, out: Path) -> list[dict]:
     path.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(child_config(a, world)), "--out", str(out)]
     base = dict(tp=world, batch=1, temperature=0.0, new_tokens=a.new_tokens)
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)    # its own process group: rank 0 + workers
     try:
-        proc = subprocess.run(cmd, timeout=a.config_timeout_s, cwd=ROOT)
+        proc.wait(timeout=a.config_timeout_s)
+    except KeyboardInterrupt:        # Ctrl-C reaches this process group only
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log(f"[tp={world}] killed after {a.config_timeout_s} s")
         return [dict(base, mode=m, status="error", error=f"timed out after {a.config_timeout_s} s") for m in a.modes]
     if path.is_file():
         return json.loads(path.read_text())
@@ -255,7 +263,8 @@ def parse_args(argv=None):
     ap.add_argument("--expand-k", type=int, default=8, help="width expansion of the expanded target (default 8: ~7.2B)")
     ap.add_argument("--device", help="rank 0's device (default cuda:0 if visible, else cpu; smoke: cpu)")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default bfloat16 on GPUs, float32 on CPU")
-    ap.add_argument("--config-timeout-s", type=float, default=240, help="kill a TP size's process after this long")
+    ap.add_argument("--config-timeout-s", type=float, default=180,
+                    help="kill a TP size's processes (rank 0 and its workers) after this long")
     ap.add_argument("--budget-s", type=float, default=290, help="start no new TP size after this many seconds")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -199,6 +199,42 @@ def test_worker_failure_is_reported(engines, ckpts):
         assert len(eng.generate([PROMPTS[1]], max_new_tokens=3, eos_token_id=[]).tokens[0]) == 3
 
 
+RANK0 = """
+import sys, time
+sys.path[:0] = [{root!r}]
+import ssd, ssd_fast
+if __name__ == "__main__":
+    eng = ssd_fast.Engine(ssd.load_model({path!r}), None, device="cpu", tp=2, log=lambda *a: None)
+    print(eng.target._workers[0].pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_workers_exit_when_rank0_dies(ckpts, tmp_path):
+    """Rank 0 killed (no close, no atexit): its workers notice and exit, leaving no process behind."""
+    import os
+    import signal
+    import time
+    script = tmp_path / "rank0.py"
+    script.write_text(RANK0.format(root=str(ROOT), path=str(ckpts["llama"])))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(proc.stdout.readline())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the worker outlived rank 0 by 10 s")
+    finally:
+        proc.kill()
+
+
 # --- the command line -----------------------------------------------------------------------------
 
 def test_cli_tp_flags(capsys):
