@@ -68,8 +68,8 @@ import torch.nn.functional as F
 import ssd
 import ssd_fast
 
-# NVLink multicast (NVLS) gives nothing to all-reduces of a few KB and has taken shared machines' GPUs out of
-# service: keep it off unless the user says otherwise.
+# NVLink multicast (NVLS) brings nothing to all-reduces of a few KB, and shared machines may require it off:
+# off unless the environment says otherwise.
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 LOAD_TIMEOUT_S = 1800      # a worker building a 7B target (loading, expansion) may take minutes
