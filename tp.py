@@ -39,7 +39,11 @@ so in a CUDA graph the broadcast is captured too: a replay needs the header only
 for the workers on the host (a header is a pipe write). Rank 0's graphs hold the verify / sampling around
 the forward as well; the workers' graphs hold the forward alone: the collectives, which must match one
 for one, are the same and in the same order. A graph is captured by ssd_fast.Graphed on both sides, so
-the warm-up runs and the capture line up.
+the warm-up runs and the capture line up. Nothing can wait in a circle: rank 0 sends every header before it
+launches the collectives the header announces, and a worker's host waits for nothing but rank 0's headers,
+so when a host does wait on the GPUs (rank 0 once a round; any rank when a capture begins, for its eager
+collectives to finish) it waits for collectives every rank has launched or will launch without waiting.
+This holds with the draft's thread capturing or replaying next to the main thread (Graphed's lock) too.
 
 On a CPU (the tests) the same code runs with the gloo backend in float32 with the PyTorch reference ops
 and no graphs; on GPUs with NCCL, rank r on cuda:(first + r), CUDA graphs on.
