@@ -102,6 +102,13 @@ def build_parser(backend: str = "fast") -> argparse.ArgumentParser:
     g.add_argument("--gpus", type=int, metavar="N",
                    help="GPUs to use from --device on: 1 = target and draft share a GPU, 2 = the draft gets its "
                         "own GPU (what SSD's overlap needs) where the engine supports it")
+    if backend == "fast":
+        g.add_argument("--tp", type=int, default=1, metavar="N",
+                       help="tensor parallelism: split the target over N GPUs from --device on (one process per GPU, "
+                            "Megatron-style shards, NCCL inside the CUDA graphs). SD and SSD put the draft on the next "
+                            "GPU when one is visible (N+1 GPUs: what SSD's overlap wants), else on the target's first "
+                            "GPU (said once). --gpus, if given, must be N (draft shares) or N+1. The attention heads "
+                            "and KV heads must divide by N. Default 1")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights and activations (default auto: bfloat16 on a GPU, float32 on a CPU)")
     g.add_argument("--no-cuda-graphs", action="store_true",
@@ -185,6 +192,8 @@ def check_args(args) -> None:
         args.fan_out = fan
     if args.gpus is not None and args.gpus < 1:
         raise UsageError(f"--gpus must be >= 1, got {args.gpus}")
+    if getattr(args, "tp", 1) < 1:
+        raise UsageError(f"--tp must be >= 1 (GPUs the target is split over), got {args.tp}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if any(s == "" for s in args.stop):
@@ -223,10 +232,17 @@ def read_prompt_file(path: str) -> list[str]:
 
 @dataclasses.dataclass
 class Placement:
-    target: str                 # "cpu", "cuda:0", ...
+    target: str                 # "cpu", "cuda:0", ... (with tp > 1: the first of the target's GPUs)
     draft: str | None           # where the draft runs (None in AR mode)
     dtype: object               # a torch dtype, or None for the engine's default
     note: str | None = None     # said once on stderr
+    tp: int = 1                 # GPUs the target is split over (tensor parallel, tp.py)
+
+    def target_devices(self) -> str:
+        if self.tp == 1:
+            return self.target
+        first = int(self.target[5:])
+        return f"cuda:{first}..cuda:{first + self.tp - 1} (tensor parallel)"
 
 
 def choose_devices(args, backend: str, torch) -> Placement:
@@ -249,6 +265,14 @@ def choose_devices(args, backend: str, torch) -> Placement:
         if device.startswith("cuda:") and int(device[5:]) >= count:
             raise UsageError(f"--device {device}: asked for GPU {device[5:]} but only {count} "
                              f"{'is' if count == 1 else 'are'} visible (cuda:0 .. cuda:{count - 1})")
+    tp = getattr(args, "tp", 1) or 1
+    if tp > 1:
+        if device == "cpu":
+            raise UsageError("--tp splits the target over GPUs (one process per GPU); on the CPU drop --tp")
+        if count < tp:
+            hint = "drop --tp to run on the CPU" if count == 0 else f"use --tp {count} or fewer"
+            raise UsageError(f"--tp {tp} splits the target over {tp} GPUs but only {count} "
+                             f"{'is' if count == 1 else 'are'} visible: {hint}")
     if device is None:   # the fast engine takes a GPU when there is one; the reference runs on the CPU
         device = "cuda" if count and (backend == "fast" or args.gpus) else "cpu"
     if device == "cuda":
@@ -258,6 +282,8 @@ def choose_devices(args, backend: str, torch) -> Placement:
         raise UsageError("ssd.py, the readable reference, runs on the CPU only: use ssd_fast.py for GPUs, "
                          "or pass --device cpu")
     first = int(device[5:]) if on_gpu else 0
+    if tp > 1:
+        return _tp_placement(args, tp, device, first, count, torch)
     gpus = args.gpus or 1
     if on_gpu and first + gpus > count:
         raise UsageError(f"asked for {gpus} GPUs from {device} on but only {count} are visible "
@@ -279,6 +305,31 @@ def choose_devices(args, backend: str, torch) -> Placement:
             note = (f"note: target and draft share {device}, so the draft's work is not overlapped with the "
                     "verify as SSD intends: give the draft its own GPU with --gpus 2")
     return Placement(target=device, draft=draft if args.mode != "ar" else None, dtype=dtype, note=note)
+
+
+def _tp_placement(args, tp, device, first, count, torch) -> Placement:
+    """--tp N: the target on N GPUs from `device` on; for SD/SSD the draft on the next GPU (what SSD's overlap
+    wants) when --gpus allows it and one is visible, else sharing the target's first GPU, with a note."""
+    if args.gpus is not None and args.gpus not in (tp, tp + 1):
+        raise UsageError(f"--tp {tp} takes {tp} GPUs for the target and, for SD/SSD, one more for the draft: "
+                         f"--gpus must be {tp} or {tp + 1}, got {args.gpus}")
+    if first + tp > count:
+        raise UsageError(f"--tp {tp} from {device} on needs cuda:{first}..cuda:{first + tp - 1} but only {count} "
+                         f"{'is' if count == 1 else 'are'} visible: start from a lower --device or use a smaller --tp")
+    spare = first + tp < count and args.gpus != tp
+    if args.gpus == tp + 1 and not spare:
+        raise UsageError(f"--gpus {tp + 1} with --tp {tp} from {device} on needs cuda:{first + tp} for the draft but "
+                         f"only {count} GPUs are visible")
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    draft, note = None, None
+    if args.mode != "ar":
+        draft = f"cuda:{first + tp}" if spare else device
+        if not spare:
+            note = (f"note: --tp {tp} uses cuda:{first}..cuda:{first + tp - 1} for the target and no GPU is left for "
+                    f"the draft: it shares {device} with the target's first shard (one more GPU gives it its own)")
+    elif args.gpus == tp + 1:
+        note = f"note: --mode ar runs no draft: cuda:{first + tp} stays idle"
+    return Placement(target=device, draft=draft, dtype=dtype, note=note, tp=tp)
 
 
 def engine_takes_draft_device() -> bool:
@@ -422,7 +473,7 @@ def summary_line(summary: dict, decode_s: float, placement: Placement, backend: 
         if backend == "reference" and "overlapped_time_s" in summary:
             parts.append(f"overlapped {summary['overlapped_time_s']:.2f} s")
     parts.append(f"{summary['mode'].upper()}" + (f" K={summary['k']}" if summary["k"] else ""))
-    where = f"target on {placement.target}"
+    where = f"target on {placement.target_devices()}"
     where += f", draft on {placement.draft}" if placement.draft else ", no draft"
     parts.append(where)
     return "[" + ", ".join(parts) + "]"
@@ -504,7 +555,7 @@ class _Spec:
 
 
 class Backend:
-    def __init__(self, kind, target, draft, placement, args, log, max_seq=None):
+    def __init__(self, kind, target, draft, placement, args, log, max_seq=None, target_dir=None):
         self.kind, self.target, self.draft, self.placement = kind, target, draft, placement
         self.engine = None
         if kind == "fast":
@@ -513,8 +564,11 @@ class Backend:
                       concurrent=args.concurrent)
             if max_seq:
                 kw["max_seq"] = max_seq
-            if placement.draft and placement.draft != placement.target:
+            if placement.draft and (placement.draft != placement.target or placement.tp > 1):
                 kw["draft_device"] = placement.draft
+            if placement.tp > 1:   # each worker process loads the checkpoint itself
+                import tp
+                kw.update(tp=placement.tp, tp_loader=(tp.load_checkpoint, (str(target_dir),)))
             self.engine = ssd_fast.Engine(target, draft, **kw)
 
     def generate(self, prompts, **kw):
@@ -665,7 +719,7 @@ def _main(args, backend, placement, log) -> int:
                                             device="cpu", log=startup.log, progress=startup, tokenizer=tok)
         if backend == "fast":
             startup(f"moving weights to {placement.target}")
-        engine = Backend(backend, target, draft, placement, args, startup.log, max_seq=max_seq)
+        engine = Backend(backend, target, draft, placement, args, startup.log, max_seq=max_seq, target_dir=target_dir)
         if args.k_auto and args.mode != "ar":
             k, budget, table = engine.engine.choose_lookahead(max(1, len(prompt_ids)), args.mode, k_max=K_AUTO_MAX)
             args.k = settings["k"] = k
@@ -694,6 +748,8 @@ def _main(args, backend, placement, log) -> int:
     models = {"target": str(target_dir), "draft": str(draft_dir) if draft_dir else None,
               "draft_about": about or (draft_dir.name if draft_dir else None)}
     devices = {"target": placement.target, "draft": placement.draft}
+    if placement.tp > 1:
+        devices["tp"] = placement.tp
     if args.interactive:
         return interactive(args, backend, engine, tok, chat, eos, settings, placement, log)
 

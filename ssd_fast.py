@@ -247,10 +247,12 @@ class Batch:
 
 class Engine:
     """Load once, generate many. `Engine(target, draft)` takes ssd.Transformer models (loaded on the
-    CPU by ssd.load_model) and re-lays them on the device."""
+    CPU by ssd.load_model) and re-lays them on the device. `tp=N` splits the target over N processes
+    (GPUs from `device` on; tp.py), each building it with `tp_loader`; `close()` stops them."""
 
     def __init__(self, target: ssd.Transformer, draft: ssd.Transformer | None = None, device=None,
-                 dtype=None, cuda_graphs=True, max_seq=4096, log=print, concurrent=None, draft_device=None):
+                 dtype=None, cuda_graphs=True, max_seq=4096, log=print, concurrent=None, draft_device=None,
+                 tp=1, tp_loader=None):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         on_gpu = str(device).startswith("cuda")
         if on_gpu and not torch.cuda.is_available():
@@ -263,13 +265,22 @@ class Engine:
         if draft is not None:
             ssd.check_compatible(target, draft)
         self.draft_device = torch.device(draft_device) if draft_device is not None else self.device
+        if tp > 1 and draft_device is None and draft is not None:   # the draft on the GPU after the target's
+            import tp as tensor_parallel
+            self.draft_device = tensor_parallel.choose_draft_device(self.device, tp, log)
         if self.draft_device.type == "cuda" and (self.draft_device.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"draft device {self.draft_device} asked for, but only {torch.cuda.device_count()} GPU(s) "
                              "are visible")
-        self.target = FastModel(target, self.device, self.dtype, self.ops)
-        self.draft = FastModel(draft, self.draft_device, self.dtype, self.ops) if draft is not None else None
         graphs = cuda_graphs and on_gpu
-        self.t_run = Runner(self.target, graphs)
+        if tp > 1:   # the target split over tp processes, this one being rank 0 (tp.py)
+            import tp as tensor_parallel
+            self.target = tensor_parallel.TPTarget(target, tp, tp_loader, self.device, self.dtype, self.ops, graphs,
+                                                   log)
+            self.t_run = tensor_parallel.TPRunner(self.target, graphs)
+        else:
+            self.target = FastModel(target, self.device, self.dtype, self.ops)
+            self.t_run = Runner(self.target, graphs)
+        self.draft = FastModel(draft, self.draft_device, self.dtype, self.ops) if draft is not None else None
         self.d_run = Runner(self.draft, graphs) if draft is not None else None
         self.max_seq = min(max_seq, target.cfg.max_position_embeddings)
         self.caches, self.calibrated = {}, {}
@@ -281,6 +292,17 @@ class Engine:
         self.worker = DraftWorker(self.draft_device if on_gpu else None) if self.concurrent and draft is not None else None
         self.log, self.draft_failed = log, False
         self.profile = False
+
+    def close(self):
+        """Stop a tensor-parallel target's worker processes (tp > 1); nothing to do otherwise."""
+        if hasattr(self.target, "close"):
+            self.target.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # --- small device helpers -----------------------------------------------------------------
 
@@ -905,6 +927,7 @@ class _RowCache:
         self.k = [t[row:row + 1] for t in cache.k]
         self.v = [t[row:row + 1] for t in cache.v]
         self.k_tree, self.v_tree, self.slots = None, None, cache.slots
+        self.parent, self.row = cache, row      # a tensor-parallel target mirrors the slice on its workers
 
 
 class _Calib:
