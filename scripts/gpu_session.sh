@@ -20,7 +20,7 @@
 # and merge with `python scripts/bench.py --report-only --out DIR --merge ...`.
 set -o pipefail
 export PYTHONUNBUFFERED=1
-phase=${1:?tests, baselines or bench}
+phase=${1:?tests, baselines, bench, tp or tpbench}
 OUT=${OUT:-out}
 R=$HOME/bench/$phase
 mkdir -p "$R" ~/stage
@@ -66,6 +66,20 @@ bench)
       --batch-sizes 1,4 --temperatures 1 --ks 2,4,6 --ks-batched 4 --budget-s 230; \
       $B --out ~/bench/smollm2 --pairs smollm2 --systems ref,ar,sd,ssd,hf_assisted,hf --batch-sizes 1,4,16 \
       --temperatures 0,1 --ks 2,4,6 --ks-batched 4,auto --budget-s 170"
+  ;;
+tp)      # carry [".stage/a"]: stage part 0; the TP GPU tests (GPUs 0,1) and the fast engine's (GPUs 2,3)
+  cp .stage/a/* ~/stage/ 2>/dev/null
+  on 0,1 gpu_tests_tp timeout 280 python3 -m pytest -q -m gpu tests/test_tp.py
+  on 2,3 gpu_tests_fast timeout 280 python3 -m pytest -q -m gpu tests/test_fast.py
+  ;;
+tpbench) # carry [".stage/b", ".whl"]: AR/SD/SSD with TP = ${TPS:-1,2,3} targets (expanded SmolLM2), draft on the next GPU
+  cat ~/stage/gguf.part.0 .stage/b/gguf.part.[1-9] > ~/stage/smollm2.gguf || exit 1
+  echo "$(cat .stage/b/gguf.sha256)  $HOME/stage/smollm2.gguf" | sha256sum -c || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target ~/site .whl/*.whl || exit 1
+  export PYTHONPATH=$HOME/site SSD_GGUF=$HOME/stage/smollm2.gguf
+  python3 -c "import embedded; embedded.ensure_target()" 2>&1 | tail -1
+  on 0,1,2,3 bench_tp timeout 500 python3 scripts/bench_tp.py --out ~/bench/tp --tp ${TPS:-1,2,3} --prompts 4 \
+      --repeats 1 --config-timeout-s 150 --budget-s 330
   ;;
 esac
 wait
