@@ -172,7 +172,8 @@ def fingerprint(model: ssd.Transformer, dtype) -> list:
     with torch.no_grad():
         for p in model.parameters():
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, 8, device=flat.device).long()
+            # integer arithmetic: a float32 linspace rounds n - 1 up to n past 2^24 elements
+            idx = torch.arange(8, device=flat.device) * (flat.numel() - 1) // 7
             out += flat[idx].to(dtype).double().tolist()
     return out
 
