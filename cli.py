@@ -114,10 +114,11 @@ def build_parser(backend: str = "fast") -> argparse.ArgumentParser:
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="run the fast engine's steps eagerly (slower; for debugging). The reference never uses "
                         "CUDA graphs and ignores it")
-    g.add_argument("--concurrent", action="store_true",
-                   help="fast engine, SSD: run the draft's glue pass and tree decode on their own worker (its own "
-                        "CUDA stream, or its own GPU with --gpus 2) while the target verifies. Experimental: off by "
-                        "default until measured on GPUs. The reference runs them one after the other")
+    g.add_argument("--concurrent", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="fast engine, SSD: run the draft's glue pass and tree decode on their own worker while the "
+                        "target verifies. auto (default): on when the draft has its own GPU (--gpus 2: measured "
+                        "faster, BENCHMARKS.md), off when it shares the target's; on: also on one device (its own "
+                        "CUDA stream, or a thread on a CPU). The reference runs them one after the other")
 
     g = ap.add_argument_group("decoding")
     g.add_argument("--mode", choices=["ar", "sd", "ssd"], default="ssd",
@@ -561,7 +562,7 @@ class Backend:
         if kind == "fast":
             import ssd_fast
             kw = dict(device=placement.target, dtype=placement.dtype, cuda_graphs=not args.no_cuda_graphs, log=log,
-                      concurrent=args.concurrent)
+                      concurrent={"auto": None, "on": True, "off": False}[args.concurrent])
             if max_seq:
                 kw["max_seq"] = max_seq
             if placement.draft and (placement.draft != placement.target or placement.tp > 1):

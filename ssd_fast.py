@@ -16,8 +16,10 @@ What changes from the reference, and why:
 - SSD's draft side (glue pass, fork, tree decode) can run on its own worker, overlapping the verify:
   a thread launching on its own CUDA stream, on the target's GPU or on its own (`draft_device`), where
   the speculation cache lives and is looked up (the handshake: the outcome key one way, the K tokens,
-  and their q rows only when some row samples at temperature > 0, the other). `concurrent=True`; off
-  by default until it has been measured on GPUs. If the draft fails, the run finishes as AR.
+  and their q rows only when some row samples at temperature > 0, the other). On by default when the
+  draft has its own GPU (measured: BENCHMARKS.md), opt-in (`concurrent=True`) on one device. Its
+  speculation budget is then sized to what the verify leaves (`fit_budget`). If the draft fails, the
+  run finishes as AR.
 - `k="auto"` measures the step times and picks the K whose drafting fits inside the verify.
 
 On a machine without CUDA the same code runs with the kernels' PyTorch references in float32 (it
@@ -287,7 +289,10 @@ class Engine:
         self.check_sync = False
         # SSD's draft side (glue, fork, tree) runs concurrently with the target's verify: in a worker
         # thread that launches on its own CUDA stream (GPU), or computes on its own thread (CPU).
-        # Off by default until it has been measured on GPUs (BENCHMARKS.md); `concurrent=True` turns it on.
+        # None (default): on when the draft has its own GPU (measured faster, BENCHMARKS.md); on one
+        # device it is opt-in (`concurrent=True`).
+        if concurrent is None:
+            concurrent = on_gpu and self.draft_device != self.device
         self.concurrent = bool(concurrent)
         self.worker = DraftWorker(self.draft_device if on_gpu else None) if self.concurrent and draft is not None else None
         self.log, self.draft_failed = log, False
@@ -482,7 +487,7 @@ class Engine:
         step_tokens, step_pos = st.hist.gather(1, step_pos).to(dd), step_pos.to(dd)
         m1 = m1.to(dd)
         for i in range(req.k):
-            f_i = fan[i] if fan is not None else 0
+            f_i = _saguaro_f(fan[i] if fan is not None else 0, req.c)
 
             def step(tokens, positions, t, f_i=f_i):  # draft forward + (Saguaro) sampling, one graph
                 q = self._probs(self.draft.forward(tokens, positions, self.dc)[:, -1], t, req)
@@ -650,12 +655,14 @@ class Engine:
             qs = torch.empty(B, N, K, V, device=dev)
             tokens, glue_j = cand, branch_j.clamp(min=0).contiguous()
             for depth in range(K):
-                def step(tokens, positions, trunk, glue, t, depth=depth, f=fan[depth]):
+                f = _saguaro_f(fan[depth], req.c)
+
+                def step(tokens, positions, trunk, glue, t, depth=depth, f=f):
                     logits = self.draft.forward(tokens, positions, self.dc, tree=(trunk, glue, depth))
                     # Saguaro sampling: a token at depth d is proposal d+1, decided by outcome n = d.
                     q = ssd.saguaro_rescale(self._probs(logits, t, req), f, req.c)
                     return self._sample(q, gen), q
-                key = ("tree", id(self.dc), B, N, depth, fan[depth], req.c, req.top_k, req.top_p)
+                key = ("tree", id(self.dc), B, N, depth, f, req.c, req.top_k, req.top_p)
                 s, q = self.d_run.run(key, step, tokens=tokens, positions=m1[:, None] + glue_j + 1 + depth,
                                       trunk=m1, glue=glue_j, t=req.t_draft)
                 chains[:, :, depth], qs[:, :, depth] = s, q
@@ -810,6 +817,12 @@ class DraftWorker:
         main.wait_stream(self.stream)
         for t in tensors:
             t.record_stream(main)
+
+
+def _saguaro_f(f, c):
+    """The fan-out a step's Saguaro rescaling depends on: none at C >= 1 (no rescaling). Graph keys use
+    this, so a fan-out that follows the running acceptance estimate does not capture new graphs."""
+    return f if c < 1.0 else 0
 
 
 def _no_grad_call(fn, *args):
