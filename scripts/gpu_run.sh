@@ -12,7 +12,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     && export PYTHONPATH=/tmp/site
 fi
 if [ -f .stage/b/gguf.part.1 ] && [ -f ~/stage/gguf.part.0 ]; then
-  cat ~/stage/gguf.part.0 .stage/b/gguf.part.1 .stage/b/gguf.part.2 > ~/stage/smollm2.gguf
+  cat ~/stage/gguf.part.0 .stage/b/gguf.part.[1-9] > ~/stage/smollm2.gguf
   export SSD_GGUF=~/stage/smollm2.gguf
 fi
 export SSD_CACHE_DIR=${SSD_CACHE_DIR:-$HOME/ssd-cache}
