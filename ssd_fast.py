@@ -428,9 +428,14 @@ class Engine:
         st.active[:B] = torch.tensor([not d for d in st.done], device=dev)
         return st
 
-    def _finish_check(self, st, b, req):
-        generated = st.tokens[b][st.prompt_lens[b]:]
-        for i, tok in enumerate(generated):
+    def _finish_check(self, st, b, req, new=None):
+        """Stop row b at EOS, at max_new_tokens or at the context limit. `new`: how many tokens this
+        round appended (only those need looking at: earlier ones were checked in their round)."""
+        tokens, p = st.tokens[b], st.prompt_lens[b]
+        n_generated = len(tokens) - p
+        first = 0 if new is None else max(0, n_generated - new)
+        for i in range(first, n_generated):
+            tok = tokens[p + i]
             if tok in req.eos or i + 1 >= req.max_new_tokens:
                 st.tokens[b] = st.tokens[b][:st.prompt_lens[b] + i + 1]
                 st.done[b], st.finish[b] = True, "eos" if tok in req.eos else "length"
@@ -454,7 +459,7 @@ class Engine:
             if st.done[b]:
                 continue
             st.tokens[b] += row[1:2 + row[0]]
-            self._finish_check(st, b, req)
+            self._finish_check(st, b, req, new=row[0] + 1)
         st.next_hit = [bool(row[-1]) for row in packed]
         st.active[:len(packed)] = torch.tensor([not d for d in st.done], device=self.device)
 
