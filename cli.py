@@ -101,7 +101,8 @@ def build_parser(backend: str = "fast") -> argparse.ArgumentParser:
                                                             else "cpu; the reference runs on the CPU only)"))
     g.add_argument("--gpus", type=int, metavar="N",
                    help="GPUs to use from --device on: 1 = target and draft share a GPU, 2 = the draft gets its "
-                        "own GPU (what SSD's overlap needs) where the engine supports it")
+                        "own GPU (what SSD's overlap needs). Default: 2 for --mode ssd when a second GPU is visible "
+                        "(the draft's side then runs during the verify), else 1")
     if backend == "fast":
         g.add_argument("--tp", type=int, default=1, metavar="N",
                        help="tensor parallelism: split the target over N GPUs from --device on (one process per GPU, "
@@ -287,7 +288,9 @@ def choose_devices(args, backend: str, torch) -> Placement:
     first = int(device[5:]) if on_gpu else 0
     if tp > 1:
         return _tp_placement(args, tp, device, first, count, torch)
-    gpus = args.gpus or 1
+    gpus = args.gpus
+    if gpus is None:   # SSD wants the draft on its own GPU: take the next one when it is there
+        gpus = 2 if args.mode == "ssd" and on_gpu and first + 1 < count else 1
     if on_gpu and first + gpus > count:
         raise UsageError(f"asked for {gpus} GPUs from {device} on but only {count} are visible "
                          f"(cuda:0 .. cuda:{count - 1}): start from a lower --device or use fewer --gpus")
