@@ -209,10 +209,22 @@ and step 3 is `verify` (with `acceptance_prob` and `residual`). (`ssd.py` indexe
 
 We run one round at temperature 1 with the library's pieces and print every quantity the rule uses.
 To show the uniforms $u_i$ that `verify` draws, we copy the random generator's state just before calling it.
+The generator's seed is fixed to one whose round rejects a proposed token: the rejection is the part of the rule
+worth seeing, and a round that accepts all $K$ never uses the residual. At the rejected position the cell then lists
+the residual's largest entries: the target's $p_n$, the draft's $q_{n+1}$, the clipped difference
+$\max(0, p_n - q_{n+1})$ and, normalized, the residual that the recovery token is drawn from.
+
+What to look for: a token can only be rejected where the target rates it below the draft ($p < q$, so
+$\min(1, p/q) < 1$), and there the residual is 0, so the recovery token is never the rejected one (exercise 2).
+The residual keeps only the tokens the draft under-rated ($p > q$): the rejection hands back to them exactly the
+probability that acceptance could not give them, which is why the emitted token follows $p$ (section 2.3).
 """),
 code(r"""
 T1 = torch.tensor([1.0])
-gen = torch.Generator().manual_seed(2)
+# Seed 10: found once by running this cell for seeds 0..39 and kept fixed, because its round rejects a proposal
+# (n < K), which is what this section is about; with the distilled draft of models/smollm2-draft about half of
+# the seeds accept all K (the former seed 2 among them). If the models change, pick again.
+gen = torch.Generator().manual_seed(10)
 t_cache, d_cache = target.new_cache(1, 256), draft.new_cache(1, 256)
 logits = ssd.extend(target, t_cache, [prompt_ids])[:, -1]       # prefill the target...
 ssd.extend(draft, d_cache, [prompt_ids])                         # ...and the draft
@@ -239,7 +251,23 @@ for i in range(K):
 print(f"\nn = {n_round} accepted; new recovery token r = {show(r_new)!r}, sampled from "
       + ("p_K (all accepted: the bonus token)" if n_round == K else f"the residual max(0, p_{n_round} - q_{n_round + 1})"))
 print(f"this round emits {n_round + 1} tokens for one target pass: {[show(t) for t in s_round[0, :n_round].tolist() + [r_new]]}")
-"""),
+print("the round rejects a proposed token (n < K):", n_round < K)
+
+if n_round < K:   # the residual at the rejected position: p_n against q_{n+1} (q_round's row n)
+    p_n, q_n1 = p_round[0, n_round], q_round[0, n_round]
+    res = ssd.residual(p_n, q_n1)
+    rejected = int(s_round[0, n_round])
+    p_reject = 1 - float(torch.minimum(p_n, q_n1).sum())
+    print(f"\nat position {n_round + 1}: P(reject) = 1 - sum min(p_{n_round}, q_{n_round + 1}) = {p_reject:.3f}; "
+          f"the residual's largest entries, the rejected token and the recovery token:")
+    print(f"{'token':>16} {f'p_{n_round}':>8} {f'q_{n_round + 1}':>8} {'max(0,p-q)':>10} {'residual':>9}")
+    rows = torch.topk(res, 6).indices.tolist()
+    rows += [t for t in (rejected, r_new) if t not in rows]
+    for t in rows:
+        mark = "  <- rejected s" if t == rejected else ("  <- recovery r (sampled)" if t == r_new else "")
+        print(f"{show(t)!r:>16} {float(p_n[t]):8.3f} {float(q_n1[t]):8.3f} {float((p_n[t] - q_n1[t]).clamp_min(0)):10.3f} "
+              f"{float(res[t]):9.3f}{mark}")
+""", tags=["claim-round-rejects"]),
 md(r"""
 ### 2.2 Greedy SD produces exactly the AR tokens
 
@@ -913,6 +941,8 @@ if n_round < K:
     rejected = int(s_round[0, n_round])
     print(f"real round of 2.1: residual at the rejected {show(rejected)!r} =",
           float(ssd.residual(p_round[0, n_round], q_round[0, n_round])[rejected]))
+else:
+    print("the round of 2.1 accepted all K proposals: it has no rejected token to look at")
 """, hidden=True),
 md(r"""
 **Exercise 3: predict Saguaro's effect.** Before running anything: as $C \to 0$, what does $q'$ look like, what

@@ -41,6 +41,7 @@ def tagged(nb, tag):
 
 # Each claim the notebook's prose relies on, as a line its tagged cell must print.
 CLAIMS = {
+    "claim-round-rejects": [r"the round rejects a proposed token \(n < K\): True"],   # section 2.1 shows a rejection
     "claim-greedy-equal": [r"greedy SD == AR: True"],
     "claim-greedy-ssd-equal": [r"greedy SSD == AR: True"],
     "claim-exact-formula": [r"max \|P\(first token\) - p\| < 1e-9: True"],
