@@ -495,6 +495,9 @@ def _args(**kw):
     (1, {"mode": "ar"}, ("cuda:0", None, None, None)),
     (1, {"mode": "sd", "dtype": "float16"}, ("cuda:0", "cuda:0", "f16", None)),
     (2, {"device": "cuda:1"}, ("cuda:1", "cuda:1", None, "share cuda:1")),
+    (2, {}, ("cuda:0", "cuda:1", None, None)),                 # SSD takes the second GPU by default
+    (2, {"mode": "sd"}, ("cuda:0", "cuda:0", None, None)),     # SD has nothing to overlap: one GPU
+    (2, {"gpus": 1}, ("cuda:0", "cuda:0", None, "share cuda:0")),
     (1, {"gpus": 2}, "asked for 2 GPUs but only 1 is visible: use --gpus 1 or fewer"),
     (2, {"device": "cuda:1", "gpus": 2}, "asked for 2 GPUs from cuda:1 on but only 2 are visible"),
     (2, {"device": "cuda:2"}, "asked for GPU 2 but only 2 are visible"),
