@@ -108,14 +108,16 @@ def hf_model(config, state):
     return hf.eval()
 
 
-def bench_llama8b(res, args):
-    from transformers import LlamaConfig
-    c = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-             num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=131072,
-             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-             tie_word_embeddings=False)
-    cfg = ssd.ModelConfig.from_dict(c)
+LLAMA8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=131072,
+               rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+               tie_word_embeddings=False)
+
+
+def random_llama8b() -> ssd.Transformer:
+    """A random-weight Llama-3-8B-shaped model, built on the GPU in bf16 (speed floors only)."""
+    cfg = ssd.ModelConfig.from_dict(LLAMA8B)
     torch.manual_seed(0)
     with torch.device("cuda"):
         torch.set_default_dtype(torch.bfloat16)
@@ -125,6 +127,14 @@ def bench_llama8b(res, args):
         for name, p in model.named_parameters():
             p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
     model.inv_freq, model.attn_scale = ssd.rope_inv_freq(cfg)
+    return model
+
+
+def bench_llama8b(res, args):
+    from transformers import LlamaConfig
+    c = LLAMA8B
+    model = random_llama8b()
+    cfg = model.cfg
     engine = ssd_fast.Engine(model, None, device="cuda", max_seq=1024)
     weights = sum(t.numel() * t.element_size() for L in engine.target.layers for t in L.values() if t is not None)
     weights += engine.target.lm_head.numel() * 2 + engine.target.norm.numel() * 2   # the embedding: one row per token

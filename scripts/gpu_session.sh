@@ -29,6 +29,15 @@ on() { local gpus=$1 name=$2; shift 2; (CUDA_VISIBLE_DEVICES=$gpus "$@" > "$R/$n
 if [ -d ~/site ]; then export PYTHONPATH=$HOME/site; fi
 if [ -f ~/stage/smollm2.gguf ]; then export SSD_GGUF=$HOME/stage/smollm2.gguf; fi
 B="timeout 510 python3 scripts/bench.py --new-tokens 128"
+# The SmolLM2 GGUF from its two staged parts (part 0 copied to ~/stage by an earlier call), the gguf wheel,
+# and the one-time conversion into $SSD_CACHE_DIR.
+stage_gguf() {
+  cat ~/stage/gguf.part.0 .stage/b/gguf.part.[1-9] > ~/stage/smollm2.gguf || return 1
+  echo "$(cat .stage/b/gguf.sha256)  $HOME/stage/smollm2.gguf" | sha256sum -c || return 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target ~/site .whl/*.whl || return 1
+  export PYTHONPATH=$HOME/site SSD_GGUF=$HOME/stage/smollm2.gguf
+  python3 -c "import embedded; embedded.ensure_target()" 2>&1 | tail -1
+}
 
 case $phase in
 tests)
@@ -39,11 +48,7 @@ tests)
   on 3 profile_step timeout 300 python3 scripts/profile_step.py --out "$R"
   ;;
 baselines)
-  cat ~/stage/gguf.part.0 .stage/b/gguf.part.[1-9] > ~/stage/smollm2.gguf || exit 1
-  echo "$(cat .stage/b/gguf.sha256)  $HOME/stage/smollm2.gguf" | sha256sum -c || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target ~/site .whl/*.whl || exit 1
-  export PYTHONPATH=$HOME/site SSD_GGUF=$HOME/stage/smollm2.gguf
-  python3 -c "import embedded; embedded.ensure_target()" 2>&1 | tail -1
+  stage_gguf || exit 1
   on 3 distill timeout 540 python3 scripts/distill_draft.py train --gguf ~/stage/smollm2.gguf --pd-text ~/stage/pd_text.jsonl.gz \
       --out "$R/distill" --seed 0 --shapes ${SHAPE:-d384_l4_h6_kv2_i1280} --n-samples 16384 --budget-seconds 450 \
       --reserve-seconds 80
@@ -55,11 +60,7 @@ baselines)
       --budget-s 160"
   ;;
 bench)
-  cat ~/stage/gguf.part.0 .stage/b/gguf.part.[1-9] > ~/stage/smollm2.gguf || exit 1
-  echo "$(cat .stage/b/gguf.sha256)  $HOME/stage/smollm2.gguf" | sha256sum -c || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target ~/site .whl/*.whl || exit 1
-  export PYTHONPATH=$HOME/site SSD_GGUF=$HOME/stage/smollm2.gguf
-  python3 -c "import embedded; embedded.ensure_target()" 2>&1 | tail -1
+  stage_gguf || exit 1
   on 0,1 expanded_t0 $B --out ~/bench/expanded_t0 --pairs expanded --systems ar,sd,ssd,ssd_seq,hf_assisted \
       --batch-sizes 1,4,16 --temperatures 0 --ks 2,4,6,8 --ks-batched 2,4,auto --budget-s 420
   on 2,3 expanded_t1_smollm2 bash -c "$B --out ~/bench/expanded_t1 --pairs expanded --systems ar,sd,ssd,hf_assisted \
@@ -73,11 +74,7 @@ tp)      # carry [".stage/a"]: stage part 0; the TP GPU tests (GPUs 0,1) and the
   on 2,3 gpu_tests_fast timeout 280 python3 -m pytest -q -m gpu tests/test_fast.py
   ;;
 tpbench) # carry [".stage/b", ".whl"]: AR/SD/SSD with TP = ${TPS:-1,2,3} targets (expanded SmolLM2), draft on the next GPU
-  cat ~/stage/gguf.part.0 .stage/b/gguf.part.[1-9] > ~/stage/smollm2.gguf || exit 1
-  echo "$(cat .stage/b/gguf.sha256)  $HOME/stage/smollm2.gguf" | sha256sum -c || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target ~/site .whl/*.whl || exit 1
-  export PYTHONPATH=$HOME/site SSD_GGUF=$HOME/stage/smollm2.gguf
-  python3 -c "import embedded; embedded.ensure_target()" 2>&1 | tail -1
+  stage_gguf || exit 1
   on 0,1,2,3 bench_tp timeout 500 python3 scripts/bench_tp.py --out ~/bench/tp --tp ${TPS:-1,2,3} --prompts 4 \
       --repeats 1 --config-timeout-s 150 --budget-s 330
   ;;

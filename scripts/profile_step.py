@@ -25,27 +25,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "scripts"):
     sys.path.insert(0, str(p))
-import ssd  # noqa: E402
 import ssd_fast  # noqa: E402
-
-
-def llama8b():
-    c = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-             num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=131072,
-             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-             tie_word_embeddings=False)
-    cfg = ssd.ModelConfig.from_dict(c)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.bfloat16)
-        model = ssd.Transformer(cfg)
-        torch.set_default_dtype(torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
-    model.inv_freq, model.attn_scale = ssd.rope_inv_freq(cfg)
-    return model
 
 
 def event_time(fn, reps=50, warmup=5) -> float:
@@ -70,7 +50,7 @@ def main():
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     bw = bench_fast.measure_bandwidth()
     res["bandwidth_Bps"] = bw
-    model = llama8b()
+    model = bench_fast.random_llama8b()
     engine = ssd_fast.Engine(model, None, device="cuda", max_seq=1024, log=lambda *a: None)
     fm = engine.target
     weights = sum(t.numel() * t.element_size() for L in fm.layers for t in L.values() if t is not None)
