@@ -33,6 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -736,7 +737,8 @@ class Engine:
         t_verify = self._time(lambda: self.t_run.step(tc, torch.zeros_like(pos), pos))
         m1 = torch.full((Bb,), S - k - 2, device=dd)
         r, proposal = torch.zeros(Bb, 1, dtype=torch.long, device=dd), torch.zeros(Bb, k, dtype=torch.long, device=dd)
-        req = _Calib(k=k, c=c, top_k=top_k, top_p=top_p, t_draft=torch.zeros(Bb, device=dd))
+        # the request fields the draft side reads, to time it outside a generation
+        req = SimpleNamespace(k=k, c=c, top_k=top_k, top_p=top_p, t_draft=torch.zeros(Bb, device=dd))
         saved, best = getattr(self, "dc", None), budgets[0]
         try:
             for n in budgets:
@@ -946,13 +948,6 @@ class _RowCache:
         self.v = [t[row:row + 1] for t in cache.v]
         self.k_tree, self.v_tree, self.slots = None, None, cache.slots
         self.parent, self.row = cache, row      # a tensor-parallel target mirrors the slice on its workers
-
-
-class _Calib:
-    """The request fields the draft side reads, for timing it outside a generation."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
 
 
 class _CfgOnly:
