@@ -130,7 +130,9 @@ def build_parser(backend: str = "fast") -> argparse.ArgumentParser:
                         "step times and picks the K (and, with --fan-out auto, the speculation budget) whose drafting "
                         "fits inside the target's verify")
     g.add_argument("--fan-out", default="auto", metavar="auto|F",
-                   help="SSD: 'auto' sizes Saguaro's geometric fan-out from the running acceptance (budget 4(K+1)); "
+                   help="SSD: 'auto' sizes Saguaro's geometric fan-out from the running acceptance (budget 4(K+1), or, "
+                        "with the draft side concurrent on its own GPU, the budget whose measured draft side fits in "
+                        "the verify, printed); "
                         "an integer F gives F recovery-token candidates to every outcome")
     g.add_argument("--saguaro-c", type=float, default=1.0, metavar="C",
                    help="SSD: Saguaro sampling constant in (0, 1]; below 1 it trades acceptance for cache hits "
@@ -728,6 +730,9 @@ def _main(args, backend, placement, log) -> int:
             k, budget, table = engine.engine.choose_lookahead(max(1, len(prompt_ids)), args.mode, k_max=K_AUTO_MAX)
             args.k = settings["k"] = k
             if args.mode == "ssd" and args.fan_out == "auto":
+                eng = engine.engine
+                if eng.worker is not None and eng.on_gpu:   # the draft side overlaps: time the real one
+                    budget = eng.fit_budget(max(1, len(prompt_ids)), k, args.saguaro_c)
                 settings["fan_out_budget"] = budget
             row = table[k - 1]
             startup.log(f"--k auto: K={k}" + (f", speculation budget {budget}" if args.mode == "ssd" else "")

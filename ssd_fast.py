@@ -374,7 +374,10 @@ class Engine:
         if k == "auto":   # measured: the K (and speculation budget) whose drafting the verify hides
             k, budget, _ = self.choose_lookahead(batch, mode) if mode != "ar" else (1, None, None)
             if mode == "ssd" and fan_out == "auto" and fan_out_budget is None:
-                fan_out_budget = budget
+                # choose_lookahead times a tree step by a draft step over N tokens (a proxy that ran low on
+                # H200s at batch 4 and 16); with the draft side concurrent, time the real one for this K
+                overlapped = self.worker is not None and self.on_gpu
+                fan_out_budget = self.fit_budget(batch, k, saguaro_c, top_k, top_p) if overlapped else budget
         elif mode == "ssd" and fan_out == "auto" and fan_out_budget is None and self.worker is not None \
                 and self.on_gpu and isinstance(k, int) and k >= 1:
             # The draft side runs during the verify: spend what the verify leaves on more speculations.
@@ -751,6 +754,12 @@ class Engine:
                 best = n
         finally:
             self.dc = saved
+        for n in budgets:   # keep only the tree buffers the run will use
+            cache = self.caches.get(("draft", Bb, n, k))
+            if n != best and cache is not None and cache is not saved:
+                # its graphs go too: they write into its buffers, and a later cache may reuse its id()
+                self.d_run.graphs = {g: v for g, v in self.d_run.graphs.items() if g[1] != id(cache)}
+                del self.caches[("draft", Bb, n, k)]
         self.log(f"ssd_fast: speculation budget {best} per row (verify {1e3 * t_verify:.2f} ms at batch {Bb}, K={k})")
         self.calibrated[key] = best
         return best
