@@ -607,6 +607,79 @@ def rope(x, positions, cos, sin, *, out=None):
     return out
 
 
+def rope_kv_write_ref(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv_heads):
+    """Reference. qkv [B, T, H + 2 Hkv, D]: the fused projection's output viewed by heads (q heads, then k,
+    then v). Returns q rotated [B, T, H, D]; writes k rotated and v as is into k_cache, v_cache
+    [B, S, Hkv, D] at slot = position (the decode and verify steps' cache write)."""
+    H, Hkv = n_heads, n_kv_heads
+    rows = torch.arange(qkv.shape[0], device=qkv.device)[:, None]
+    k_cache[rows, positions.long()] = rope_ref(qkv[:, :, H:H + Hkv], positions, cos, sin).to(k_cache.dtype)
+    v_cache[rows, positions.long()] = qkv[:, :, H + Hkv:].to(v_cache.dtype)
+    return rope_ref(qkv[:, :, :H], positions, cos, sin)
+
+
+@triton.jit
+def _rope_kv_write_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, T, H, HKV, HALF,
+                          stride_xb, stride_xt, stride_xh, stride_xd, stride_pb, stride_pt,
+                          stride_cp, stride_cd, stride_sp, stride_sd,
+                          stride_qb, stride_qt, stride_qh, stride_qd,
+                          stride_kb, stride_ks, stride_kh, stride_kd,
+                          stride_vb, stride_vs, stride_vh, stride_vd,
+                          BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Program (token, block of the H + 2 Hkv heads): rotates q and k heads with the token's cos/sin row,
+    stores q to its output, k and v straight into their cache slot (no separate index_put launches)."""
+    pid = tl.program_id(0)
+    b = pid // T
+    t = pid % T
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_HALF)
+    valid = (heads < H + 2 * HKV)[:, None] & (cols < HALF)[None, :]
+    pos = tl.load(pos_ptr + b.to(tl.int64) * stride_pb + t * stride_pt).to(tl.int64)
+    c = tl.load(cos_ptr + pos * stride_cp + cols * stride_cd, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + pos * stride_sp + cols * stride_sd, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+    xb = x_ptr + b.to(tl.int64) * stride_xb + t * stride_xt + heads[:, None] * stride_xh
+    x1 = tl.load(xb + cols[None, :] * stride_xd, mask=valid, other=0.0).to(tl.float32)
+    x2 = tl.load(xb + (cols[None, :] + HALF) * stride_xd, mask=valid, other=0.0).to(tl.float32)
+    r1, r2 = x1 * c - x2 * s, x2 * c + x1 * s
+    is_q = valid & (heads < H)[:, None]
+    qb = q_ptr + b.to(tl.int64) * stride_qb + t * stride_qt + heads[:, None] * stride_qh
+    tl.store(qb + cols[None, :] * stride_qd, r1.to(q_ptr.dtype.element_ty), mask=is_q)
+    tl.store(qb + (cols[None, :] + HALF) * stride_qd, r2.to(q_ptr.dtype.element_ty), mask=is_q)
+    is_k = valid & ((heads >= H) & (heads < H + HKV))[:, None]
+    kb = kc_ptr + b.to(tl.int64) * stride_kb + pos * stride_ks + (heads - H)[:, None] * stride_kh
+    tl.store(kb + cols[None, :] * stride_kd, r1.to(kc_ptr.dtype.element_ty), mask=is_k)
+    tl.store(kb + (cols[None, :] + HALF) * stride_kd, r2.to(kc_ptr.dtype.element_ty), mask=is_k)
+    is_v = valid & (heads >= H + HKV)[:, None]
+    vb = vc_ptr + b.to(tl.int64) * stride_vb + pos * stride_vs + (heads - H - HKV)[:, None] * stride_vh
+    tl.store(vb + cols[None, :] * stride_vd, x1.to(vc_ptr.dtype.element_ty), mask=is_v)
+    tl.store(vb + (cols[None, :] + HALF) * stride_vd, x2.to(vc_ptr.dtype.element_ty), mask=is_v)
+
+
+def rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv_heads):
+    """RoPE on q and k fused with the KV-cache write of a decode or verify step: one launch where the
+    separate version takes three (rope, and an index_put each for k and v), which matters when a step is
+    launch-bound (per layer, every token). Same arguments and result as rope_kv_write_ref; positions are
+    the slots. float32 math, like rope."""
+    B, T, NH, D = qkv.shape
+    H, Hkv, half = n_heads, n_kv_heads, D // 2
+    assert NH == H + 2 * Hkv and D % 2 == 0, f"qkv must be [B, T, {H} + 2 x {Hkv}, D even], got {tuple(qkv.shape)}"
+    assert positions.shape == (B, T) and not positions.is_floating_point(), "positions must be int [B, T]"
+    assert k_cache.shape[0] == B and k_cache.shape[2:] == (Hkv, D) and v_cache.shape == k_cache.shape, \
+        f"caches must be [{B}, S, {Hkv}, {D}], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+    assert cos.shape == sin.shape and cos.shape[1] == half, "cos/sin must be [max_pos, D/2]"
+    _check_device(qkv, positions, cos, sin, k_cache, v_cache)
+    q = torch.empty(B, T, H, D, dtype=qkv.dtype, device=qkv.device)
+    if q.numel() == 0:
+        return q
+    BLOCK_HALF = triton.next_power_of_2(half)
+    BLOCK_H = max(1, min(triton.next_power_of_2(NH), 2048 // BLOCK_HALF))
+    _rope_kv_write_kernel[(B * T, triton.cdiv(NH, BLOCK_H))](
+        qkv, positions, cos, sin, q, k_cache, v_cache, T, H, Hkv, half,
+        *qkv.stride(), *positions.stride(), *cos.stride(), *sin.stride(), *q.stride(),
+        *k_cache.stride(), *v_cache.stride(), BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF)
+    return q
+
+
 # ======================================================================================================
 # 5. Sampling by exponential race (no host sync)
 # ======================================================================================================

@@ -64,7 +64,7 @@ class Ops:
     def __init__(self, use_triton: bool):
         import kernels
         suffix = "" if use_triton else "_ref"
-        for name in ("cache_attention", "tree_attention", "add_rmsnorm", "rmsnorm", "rope",
+        for name in ("cache_attention", "tree_attention", "add_rmsnorm", "rmsnorm", "rope", "rope_kv_write",
                      "sample_exponential_race", "verify", "silu_mul"):
             setattr(self, name, getattr(kernels, name + suffix))
         self.use_triton = use_triton
@@ -138,35 +138,46 @@ class FastModel:
         cfg, ops = self.cfg, self.ops
         B, T = tokens.shape
         H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        rows = torch.arange(B, device=tokens.device)[:, None]
         x, resid = self.embed[tokens], None
         for i, L in enumerate(self.layers):
             h, resid = ops.add_rmsnorm(x, resid, L["ln1"], cfg.rms_norm_eps)
             qkv = F.linear(h, L["wqkv"], L["bqkv"])
-            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-            q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
-            if cfg.qk_norm:
-                q, k = ops.rmsnorm(q, L["q_norm"], cfg.rms_norm_eps), ops.rmsnorm(k, L["k_norm"], cfg.rms_norm_eps)
-                q, k = ops.rope(q, positions, self.cos, self.sin), ops.rope(k, positions, self.cos, self.sin)
-            else:  # q and k are adjacent heads of qkv: rotate both with one launch
-                qk = ops.rope(qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D), positions, self.cos, self.sin)
-                q, k = qk[:, :, :H], qk[:, :, H:]
-            if tree is None:
-                cache.k[i][rows, positions] = k
-                cache.v[i][rows, positions] = v
+            if tree is None and not cfg.qk_norm:   # decode / verify: RoPE and the cache write in one launch
+                q = ops.rope_kv_write(qkv.view(B, T, H + 2 * Hkv, D), positions, self.cos, self.sin,
+                                      cache.k[i], cache.v[i], H, Hkv)
                 attn = ops.cache_attention(q, cache.k[i], cache.v[i], positions[:, 0], self.scale)
             else:
-                trunk_lens, branch_glue, depth = tree
-                cache.k_tree[i][:, :, depth] = k
-                cache.v_tree[i][:, :, depth] = v
-                attn = ops.tree_attention(q, cache.k[i], cache.v[i], trunk_lens, branch_glue, cache.k_tree[i],
-                                          cache.v_tree[i], depth, self.scale)
+                attn = self._attention_unfused(qkv, positions, cache, tree, i, L)
             x = F.linear(attn.reshape(B, T, H * D), L["wo"], L["bo"])
             h, resid = ops.add_rmsnorm(x, resid, L["ln2"], cfg.rms_norm_eps)
             x = F.linear(ops.silu_mul(F.linear(h, L["w_gate_up"], L["b_gate_up"])), L["w_down"], L["b_down"])
         h, _ = ops.add_rmsnorm(x, resid, self.norm, cfg.rms_norm_eps)
         return F.linear(h, self.lm_head).float()
 
+    def _attention_unfused(self, qkv, positions, cache, tree, i, L):
+        """Attention of layer i with the separate RoPE and cache writes: Qwen3's q/k norms come between
+        the projection and RoPE, and the tree step writes its keys to the branch buffers."""
+        cfg, ops = self.cfg, self.ops
+        B, T = positions.shape
+        H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        if cfg.qk_norm:
+            q, k = ops.rmsnorm(q, L["q_norm"], cfg.rms_norm_eps), ops.rmsnorm(k, L["k_norm"], cfg.rms_norm_eps)
+            q, k = ops.rope(q, positions, self.cos, self.sin), ops.rope(k, positions, self.cos, self.sin)
+        else:  # q and k are adjacent heads of qkv: rotate both with one launch
+            qk = ops.rope(qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D), positions, self.cos, self.sin)
+            q, k = qk[:, :, :H], qk[:, :, H:]
+        if tree is None:
+            rows = torch.arange(B, device=positions.device)[:, None]
+            cache.k[i][rows, positions] = k
+            cache.v[i][rows, positions] = v
+            return ops.cache_attention(q, cache.k[i], cache.v[i], positions[:, 0], self.scale)
+        trunk_lens, branch_glue, depth = tree
+        cache.k_tree[i][:, :, depth] = k
+        cache.v_tree[i][:, :, depth] = v
+        return ops.tree_attention(q, cache.k[i], cache.v[i], trunk_lens, branch_glue, cache.k_tree[i],
+                                  cache.v_tree[i], depth, self.scale)
 
 class Graphed:
     """A model step as a CUDA graph for fixed shapes: inputs are copied into static buffers and the

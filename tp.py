@@ -243,22 +243,16 @@ class TPShard:
         m, cfg, ops = self.local, self.cfg, self.ops
         B, T = tokens.shape
         H, Hkv, D = m.cfg.num_attention_heads, m.cfg.num_key_value_heads, cfg.head_dim     # local heads
-        rows = torch.arange(B, device=tokens.device)[:, None]
         x, resid = self._embed(tokens), None
         for i, L in enumerate(m.layers):
             h, resid = ops.add_rmsnorm(x, resid, L["ln1"], cfg.rms_norm_eps)
             qkv = F.linear(h, L["wqkv"], L["bqkv"])                   # column-parallel: the rank's heads
-            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-            q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
-            if cfg.qk_norm:
-                q, k = ops.rmsnorm(q, L["q_norm"], cfg.rms_norm_eps), ops.rmsnorm(k, L["k_norm"], cfg.rms_norm_eps)
-                q, k = ops.rope(q, positions, m.cos, m.sin), ops.rope(k, positions, m.cos, m.sin)
-            else:
-                qk = ops.rope(qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D), positions, m.cos, m.sin)
-                q, k = qk[:, :, :H], qk[:, :, H:]
-            cache.k[i][rows, positions] = k
-            cache.v[i][rows, positions] = v
-            attn = ops.cache_attention(q, cache.k[i], cache.v[i], positions[:, 0], m.scale)
+            if not cfg.qk_norm:   # RoPE and the cache write in one launch, as in FastModel
+                q = ops.rope_kv_write(qkv.view(B, T, H + 2 * Hkv, D), positions, m.cos, m.sin,
+                                      cache.k[i], cache.v[i], H, Hkv)
+                attn = ops.cache_attention(q, cache.k[i], cache.v[i], positions[:, 0], m.scale)
+            else:                 # the local FastModel's path over the rank's heads
+                attn = m._attention_unfused(qkv, positions, cache, None, i, L)
             bo, b_down = self.row_bias[i]
             x = self._row_parallel_sum(F.linear(attn.reshape(B, T, H * D), L["wo"]), bo)
             h, resid = ops.add_rmsnorm(x, resid, L["ln2"], cfg.rms_norm_eps)

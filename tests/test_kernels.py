@@ -463,3 +463,41 @@ def test_gpu_sampling_and_verify_same_ids():
     for kind in range(6):
         p, q, tok, u, nz = _verify_batch(g, 12, 4, 4099, kind)
         assert all(a.equal(b) for a, b in zip(K.verify(p, q, tok, u, nz), K.verify_ref(p, q, tok, u, nz)))
+
+
+# ------------------------------------------------------------------ RoPE fused with the KV-cache write
+
+@pytest.mark.parametrize("B,T,H,Hkv,D", [(1, 1, 4, 2, 16), (3, 5, 9, 3, 64), (2, 6, 6, 6, 32), (4, 1, 32, 8, 128)])
+def test_rope_kv_write(B, T, H, Hkv, D):
+    """q rotated like rope(); k rotated and v written at slot = position, every other slot untouched;
+    on awkward shapes (GQA ratios 1 to 4, odd head counts, T = 1 decode and T > 1 verify)."""
+    g = _gen(B * T + H + D)
+    qkv = _randn(g, B, T, (H + 2 * Hkv) * D).view(B, T, H + 2 * Hkv, D)
+    S = 40
+    pos = torch.stack([torch.randperm(S, generator=g)[:T] for _ in range(B)]).to(DEV)
+    cos, sin = _rope_tables(S, D)
+    kc, vc = _randn(g, B, S, Hkv, D), _randn(g, B, S, Hkv, D)        # poisoned: random, not zeros
+    kr, vr = kc.clone(), vc.clone()
+    q = K.rope_kv_write(qkv, pos, cos, sin, kc, vc, H, Hkv)
+    q_ref = K.rope_kv_write_ref(qkv, pos, cos, sin, kr, vr, H, Hkv)
+    torch.testing.assert_close(q, q_ref, **TOL32)
+    torch.testing.assert_close(kc, kr, **TOL32)
+    torch.testing.assert_close(vc, vr, rtol=0, atol=0)
+    torch.testing.assert_close(q, K.rope_ref(qkv[:, :, :H], pos, cos, sin), **TOL32)
+
+
+def test_rope_kv_write_into_one_row_of_a_batch_cache():
+    """A row view of a bigger cache (continuous batching's admit): only that row's slots change."""
+    g = _gen(77)
+    B, T, H, Hkv, D, S = 1, 3, 4, 2, 32, 12
+    qkv = _randn(g, B, T, H + 2 * Hkv, D)
+    pos = _i32([[0, 1, 2]])
+    cos, sin = _rope_tables(S, D)
+    kc, vc = _randn(g, 3, S, Hkv, D), _randn(g, 3, S, Hkv, D)
+    before_k, before_v = kc.clone(), vc.clone()
+    K.rope_kv_write(qkv, pos, cos, sin, kc[1:2], vc[1:2], H, Hkv)
+    for row in (0, 2):
+        torch.testing.assert_close(kc[row], before_k[row], rtol=0, atol=0)
+        torch.testing.assert_close(vc[row], before_v[row], rtol=0, atol=0)
+    torch.testing.assert_close(vc[1, :T], qkv[0, :, H + Hkv:], rtol=0, atol=0)
+    torch.testing.assert_close(vc[1, T:], before_v[1, T:], rtol=0, atol=0)
