@@ -599,7 +599,8 @@ class Engine:
         if self.draft_failed:
             return None
         dd = self.draft_device
-        m1, r, proposal = m1.to(dd), r.to(dd), proposal.to(dd)   # the handshake, target -> draft
+        packed = torch.cat([m1[:, None], r, proposal], 1).to(dd)   # the handshake, target -> draft: one copy
+        m1, r, proposal = packed[:, 0], packed[:, 1:2], packed[:, 2:]
         if self.worker is None:  # sequential: run it now
             return _Done(self._safe(lambda: self._build_speculation_cache(m1, r, proposal, fan, req, stats)))
         return self.worker.submit(self._build_speculation_cache, m1, r, proposal, fan, req, stats)
@@ -646,12 +647,14 @@ class Engine:
         match = (spec["j"] == key[:, :1]) & (spec["cand"] == key[:, 1:])
         hit, idx = match.any(1), match.float().argmax(1)
         rows = torch.arange(Bb, device=dd)
-        proposal = spec["chains"][rows, idx].to(dev)
+        # back to the target: the K tokens and the hit flag in one copy (and the q rows when needed)
+        back = torch.cat([spec["chains"][rows, idx], hit[:, None].long()], 1).to(dev)
+        proposal, hit = back[:, :-1], back[:, -1].bool()
         if self.req.send_q:
             q = spec["q"][rows, idx].to(dev)
         else:  # greedy verify: any q gives the same result; one-hot(s) needs no transfer
             q = torch.zeros(*proposal.shape, V, device=dev).scatter_(-1, proposal[..., None], 1.0)
-        return proposal, q, hit.to(dev)
+        return proposal, q, hit
 
     def _build_speculation_cache(self, m1, r, proposal, fan, req, stats):
         """The draft side of a round (m1: position of r per row). Returns the speculation cache:
