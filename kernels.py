@@ -8,6 +8,7 @@ then the ``@triton.jit`` kernel, then the Python wrapper that checks shapes and 
                       implicit mask, the two parts merged by log-sum-exp
     add_rmsnorm       fused residual add + RMSNorm (and plain ``rmsnorm``, also used for Qwen3 q/k-norm)
     rope              rotate-half rotary embedding, gathering cos/sin rows by per-token position
+    rope_kv_write     RoPE on q and k fused with the KV-cache write of a decode / verify step (one launch)
     sample_exponential_race / sample_from_logits
                       exact sampling without a host sync: argmax_i p_i / E_i with E_i ~ Exp(1)
     verify            the exact speculative-sampling step (accept while u*q(s) < p(s), residual sample)
@@ -32,7 +33,7 @@ __all__ = [
     "cache_attention", "cache_attention_ref",
     "tree_attention", "tree_attention_ref",
     "add_rmsnorm", "add_rmsnorm_ref", "rmsnorm", "rmsnorm_ref",
-    "rope", "rope_ref",
+    "rope", "rope_ref", "rope_kv_write", "rope_kv_write_ref",
     "sample_exponential_race", "sample_exponential_race_ref",
     "sample_from_logits", "sample_from_logits_ref",
     "verify", "verify_ref", "verify_greedy",
