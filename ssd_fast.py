@@ -256,17 +256,20 @@ class Batch:
     last_n: torch.Tensor        # [Bb] outcome n of the last round (the cache key with r)
     spec: dict | None = None    # the speculation cache (device tensors)
     next_hit: list | None = None
+    epoch: list | None = None        # per row: bumped when admit hands the row to a new sequence
+    active_host: list | None = None  # host mirror of `active` for the real rows
     looked_up: tuple | None = None   # (proposal, q, hit) of the outcome key, found at the end of the last round
 
 
 class Engine:
     """Load once, generate many. `Engine(target, draft)` takes ssd.Transformer models (loaded on the
-    CPU by ssd.load_model) and re-lays them on the device. `tp=N` splits the target over N processes
+    CPU by ssd.load_model) and re-lays them on the device. `pipeline=False` reads every AR/SD round
+    back before launching the next (for comparison; on by default). `tp=N` splits the target over N processes
     (GPUs from `device` on; tp.py), each building it with `tp_loader`; `close()` stops them."""
 
     def __init__(self, target: ssd.Transformer, draft: ssd.Transformer | None = None, device=None,
                  dtype=None, cuda_graphs=True, max_seq=4096, log=print, concurrent=None, draft_device=None,
-                 tp=1, tp_loader=None):
+                 tp=1, tp_loader=None, pipeline=True):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         on_gpu = str(device).startswith("cuda")
         if on_gpu and not torch.cuda.is_available():
@@ -309,6 +312,8 @@ class Engine:
         self.worker = DraftWorker(self.draft_device if on_gpu else None) if self.concurrent and draft is not None else None
         self.log, self.draft_failed = log, False
         self.profile = False
+        # AR and SD: launch the next round before reading this one back (_Run.rounds_iter)
+        self.pipeline = pipeline
 
     def close(self):
         """Stop a tensor-parallel target's worker processes (tp > 1); nothing to do otherwise."""
@@ -355,6 +360,7 @@ class Engine:
                 if on_round:
                     run.stop(on_round(run.generated(), stats))
         except KeyboardInterrupt:  # Ctrl-C: keep what was generated
+            run.drain()
             run.stop([b for b in range(run.B) if not run.st.done[b]], "interrupted")
         return run.result()
 
@@ -437,7 +443,8 @@ class Engine:
         for b, tok in enumerate(first[:B].tolist()):
             st.tokens[b].append(tok)
             self._finish_check(st, b, req)
-        st.active[:B] = torch.tensor([not d for d in st.done], device=dev)
+        st.epoch, st.active_host = [0] * B, [True] * B
+        self._sync_active(st)
         return st
 
     def _finish_check(self, st, b, req, new=None):
@@ -466,14 +473,23 @@ class Engine:
         st.last_n = n
 
     def _commit_host(self, st, req, packed, stats):
-        stats.accepted = [row[0] for row in packed]
+        """The host's share of a round: each taking part row's new tokens, its finish check, its hit flag."""
+        stats.accepted = [row[0] if on else 0 for row, on in zip(packed, stats.active)]
         for b, row in enumerate(packed):
-            if st.done[b]:
+            if not stats.active[b]:   # finished (or handed to a new sequence) before this round ended
                 continue
             st.tokens[b] += row[1:2 + row[0]]
             self._finish_check(st, b, req, new=row[0] + 1)
-        st.next_hit = [bool(row[-1]) for row in packed]
-        st.active[:len(packed)] = torch.tensor([not d for d in st.done], device=self.device)
+            st.next_hit[b] = bool(row[-1])
+        self._sync_active(st)
+
+    def _sync_active(self, st):
+        """Mirror the rows' done flags into the device mask, copying only when one changed: a copy from
+        pageable host memory waits for the device's queue, which would stall a pipelined round."""
+        active = [not d for d in st.done]
+        if active != st.active_host:
+            st.active[:len(active)] = torch.tensor(active, device=self.device)
+            st.active_host = active
 
     def _timed(self, stats, name, devices=None):
         """Time a part of the round; profile=True synchronizes `devices` (default: both) around it."""
@@ -877,39 +893,84 @@ class _Run:
         self.engine, self.st, self.req, self.est, self.mode = engine, st, req, est, mode
         self.prefill_time, self.rounds, self.B = prefill_time, [], len(req.prompts)
         self.round_fn = {"ar": engine._ar_round, "sd": engine._sd_round, "ssd": engine._ssd_round}[mode]
+        self._last_end = None   # when the previous round's results were read back
+        self._inflight = None   # a launched round not read back yet (pipelined AR/SD)
 
     def rounds_iter(self):
+        """Run rounds until every row is done, yielding each round's stats. AR and SD rounds need nothing
+        from the host to start the next one (the sequence state lives on the device), so on a GPU the
+        next round is launched before this one's tokens are read back: the host's bookkeeping and the
+        read-back then overlap the next round's kernels instead of leaving the GPU idle. A row that
+        finished keeps riding along for that one extra round; its tokens there are discarded."""
         eng, st = self.engine, self.st
-        while not all(st.done):
-            B = self.B
-            if eng.draft_failed:   # the rest of the run is AR on the target
-                self.round_fn = eng._ar_round
-            active = [not d for d in st.done]
-            t_round = time.perf_counter()
-            stats = ssd.RoundStats(accepted=[])
-            if eng.check_sync:   # tests: any host synchronization inside a round raises
-                torch.cuda.set_sync_debug_mode("error")
-            try:
-                n, new, hit_next = self.round_fn(st, self.req, stats, self.est)
-            finally:
-                if eng.check_sync:
-                    torch.cuda.set_sync_debug_mode("default")
-            packed = torch.cat([n[:, None], new, hit_next[:, None].long()], 1)[:B].tolist()  # the one sync
-            stats.times["round"] = time.perf_counter() - t_round
-            if eng.profile:
-                stats.spans.append(("round", t_round, t_round + stats.times["round"], "round"))
-            stats.active = active
-            eng._commit_host(st, self.req, packed, stats)
-            self.est.update(stats)
-            self.rounds.append(stats)
-            yield stats
+        pipelined = eng.pipeline and self.mode in ("ar", "sd") and not eng.profile
+        while not all(st.done) or self._inflight is not None:
+            launched = self._launch() if not all(st.done) else None
+            if not pipelined:
+                stats = self._finish(launched)
+            else:
+                stats = self.drain()
+                self._inflight = launched
+            if stats is not None:
+                yield stats
+
+    def drain(self):
+        """Read back and commit the round in flight, if any (also after Ctrl-C: nothing generated is lost)."""
+        inflight, self._inflight = self._inflight, None
+        return self._finish(inflight) if inflight is not None else None
+
+    def _launch(self):
+        """Launch one round on the device; its results are read back by _finish."""
+        eng, st = self.engine, self.st
+        if eng.draft_failed:   # the rest of the run is AR on the target
+            self.round_fn = eng._ar_round
+        t_round = time.perf_counter()
+        stats = ssd.RoundStats(accepted=[])
+        if eng.check_sync:   # tests: any host synchronization inside a round raises
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            n, new, hit_next = self.round_fn(st, self.req, stats, self.est)
+        finally:
+            if eng.check_sync:
+                torch.cuda.set_sync_debug_mode("default")
+        packed = torch.cat([n[:, None], new, hit_next[:, None].long()], 1)[:self.B]
+        ready = None
+        if packed.is_cuda:    # copy back without waiting; _finish waits for this event only
+            packed = packed.to("cpu", non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        return dict(stats=stats, packed=packed, ready=ready, t_round=t_round, epoch=list(st.epoch),
+                    active=[not d for d in st.done])
+
+    def _finish(self, r):
+        """Read a launched round's results back (the one host synchronization of a round) and commit them.
+        Rows that finished, or were given to a new sequence by admit, since the launch take no part.
+        Returns its stats, or None when no row took part (the pipeline's one extra round at the end)."""
+        eng, st, stats = self.engine, self.st, r["stats"]
+        if r["ready"] is not None:
+            r["ready"].synchronize()
+        packed = r["packed"].tolist()
+        stats.active = [a and not st.done[b] and st.epoch[b] == r["epoch"][b] for b, a in enumerate(r["active"])]
+        t_end = time.perf_counter()
+        # the round's wall time: since its launch, or, pipelined, since the previous round's results
+        start = r["t_round"] if self._last_end is None else max(self._last_end, r["t_round"])
+        stats.times["round"] = t_end - start
+        self._last_end = t_end
+        if eng.profile:
+            stats.spans.append(("round", r["t_round"], t_end, "round"))
+        if not any(stats.active):
+            return None
+        eng._commit_host(st, self.req, packed, stats)
+        self.est.update(stats)
+        self.rounds.append(stats)
+        return stats
 
     def generated(self):
         return [t[p:] for t, p in zip(self.st.tokens, self.st.prompt_lens)]
 
     def stop(self, rows, reason="stop"):
         ssd.stop_rows(self.st, rows, reason)
-        self.st.active[:self.B] = torch.tensor([not d for d in self.st.done], device=self.engine.device)
+        self.engine._sync_active(self.st)
 
     def result(self) -> ssd.GenerationResult:
         return ssd.GenerationResult(tokens=self.generated(), finish_reasons=self.st.finish, rounds=self.rounds,
@@ -954,12 +1015,13 @@ class _Run:
         if b >= self.B:
             for _ in range(b + 1 - self.B):
                 st.tokens.append([]), st.prompt_lens.append(0), st.done.append(True), st.finish.append(None)
-                st.next_hit.append(False)
+                st.next_hit.append(False), st.epoch.append(0), st.active_host.append(False)
             self.B = b + 1
         st.tokens[b], st.prompt_lens[b], st.done[b], st.finish[b] = prompt + [first], T, False, None
         st.next_hit[b] = False
         eng._finish_check(st, b, req)
-        st.active[:self.B] = torch.tensor([not d for d in st.done], device=dev)
+        st.epoch[b] += 1   # a round launched before this call must not commit into the new sequence
+        self.engine._sync_active(st)
         return b
 
 

@@ -312,3 +312,21 @@ def test_lookup_at_round_end_is_reused(pair, cpu_engine):
     finally:
         del cpu_engine._lookup
     assert calls["n"] == len(out.rounds) + 1      # one per round, plus the first round's (empty cache)
+
+
+@pytest.mark.parametrize("mode,kw", [("ar", {}), ("sd", dict(k=3)), ("sd", dict(k=2, temperature=1.0, seed=4))])
+def test_pipelined_rounds_equal_one_at_a_time(pair, mode, kw):
+    """AR/SD launch the next round before reading one back: same tokens, finish reasons and round
+    statistics as reading every round back first, with rows finishing at different times (EOS), and
+    the one extra round at the end leaves no trace."""
+    on = ssd_fast.Engine(*pair, device="cpu", log=lambda *a: None)
+    off = ssd_fast.Engine(*pair, device="cpu", log=lambda *a: None, pipeline=False)
+    ref = off.generate(PROMPTS, mode=mode, max_new_tokens=14, eos_token_id=[], **kw).tokens
+    eos = [ref[0][3], ref[2][6]]          # tokens that end rows 0 and 2 early, the others run to the limit
+    a = on.generate(PROMPTS, mode=mode, max_new_tokens=14, eos_token_id=eos, **kw)
+    b = off.generate(PROMPTS, mode=mode, max_new_tokens=14, eos_token_id=eos, **kw)
+    assert a.tokens == b.tokens and a.finish_reasons == b.finish_reasons and "eos" in a.finish_reasons
+    assert len(a.rounds) == len(b.rounds) and [r.accepted for r in a.rounds] == [r.accepted for r in b.rounds]
+    assert [r.active for r in a.rounds] == [r.active for r in b.rounds]
+    sa, sb = a.summary(), b.summary()
+    assert sa["tokens_per_round"] == sb["tokens_per_round"] and sa["generated_tokens"] == sb["generated_tokens"]
