@@ -4,12 +4,15 @@ What changes from the reference, and why:
 - Weights are re-laid for fewer launches (fused QKV and gate-up matrices) in bf16 on the GPU.
 - The hot paths run Triton kernels (kernels.py): attention over a slot-indexed KV cache for decode
   and verify, tree attention with an implicit mask for SSD's speculation tree, fused add + RMSNorm,
-  RoPE, and the fused verify / residual sampling by exponential race (no host synchronization).
+  RoPE fused with the KV-cache write, and the fused verify / residual sampling by exponential race
+  (no host synchronization).
 - KV caches are preallocated; rolling back a rejected suffix is a change of length, never a copy.
 - Every steady-state forward (target decode and verify, draft steps, glue pass, each tree depth) is
   captured once as a CUDA graph per (batch bucket, shape) and replayed.
 - The sequence state (token history, lengths, the speculation cache and its lookup) lives on the
   device; the host reads one small tensor per round (accepted counts, new tokens, next hit flags).
+  AR and SD rounds are pipelined: the next round is launched before this one is read back, so the
+  host's bookkeeping overlaps the GPU's work (SSD's next round depends on the hit flags it reads).
 - Batches are padded to a bucket size; padding rows are frozen and write only their own cache rows.
   Rows finish at different times; `Engine.start(...).admit(prompt)` puts a new sequence into a
   finished or padding row between rounds (continuous batching).

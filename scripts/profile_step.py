@@ -4,8 +4,8 @@
 
 Prints, for the fast engine's AR step:
   1. the step's CUDA graph replayed back to back (device time per token) against a whole AR round of
-     Engine.generate (graph + the eager bookkeeping + the one host synchronization): the difference is
-     what the host costs per token;
+     Engine.generate (graph + the eager bookkeeping + the one host synchronization), with the rounds
+     pipelined (the default) and read back one at a time: the difference is what the host costs per token;
   2. the kernels of one eager step by device time (torch.profiler), grouped;
   3. each weight matrix's GEMV (F.linear with one row) alone: achieved bytes/s against the measured
      copy bandwidth, which says how close cuBLAS gets to the floor on these shapes.
@@ -57,11 +57,14 @@ def main():
     weights += fm.lm_head.numel() * 2 + fm.norm.numel() * 2
     res["floor_s"] = weights / bw
 
-    # 1. graph replay vs a whole round
+    # 1. graph replay vs a whole round, with the rounds pipelined (default) and one at a time
     prompt = [[int(x) for x in torch.randint(0, 128256, (16,))]]
-    out = engine.generate(prompt, mode="ar", max_new_tokens=128, eos_token_id=[])
-    rounds = [r.times["round"] for r in out.rounds[2:]]
-    res["round_s"] = statistics.median(rounds)
+    for pipeline in (False, True):
+        engine.pipeline = pipeline
+        engine.generate(prompt, mode="ar", max_new_tokens=16, eos_token_id=[])
+        out = engine.generate(prompt, mode="ar", max_new_tokens=128, eos_token_id=[])
+        rounds = [r.times["round"] for r in out.rounds[2:]]
+        res["round_s" if pipeline else "round_s_unpipelined"] = statistics.median(rounds)
     graph = [g for k, g in engine.t_run.graphs.items() if k[0] == "ar"][0]
     res["graph_replay_s"] = event_time(graph.graph.replay)
     tc = engine.tc
@@ -69,7 +72,8 @@ def main():
     pos = torch.full((1, 1), 40, dtype=torch.long, device="cuda")
     res["eager_forward_s"] = event_time(lambda: fm.forward(tok, pos, tc), reps=10)
     print(f"floor {1e3 * res['floor_s']:.3f} ms/token ({weights / 1e9:.2f} GB at {bw / 1e12:.2f} TB/s)")
-    print(f"AR round (generate) {1e3 * res['round_s']:.3f} ms | graph replay {1e3 * res['graph_replay_s']:.3f} ms | "
+    print(f"AR round (generate) {1e3 * res['round_s']:.3f} ms pipelined, {1e3 * res['round_s_unpipelined']:.3f} ms "
+          f"one at a time | graph replay {1e3 * res['graph_replay_s']:.3f} ms | "
           f"eager forward {1e3 * res['eager_forward_s']:.3f} ms")
 
     # 2. kernels of one eager step
