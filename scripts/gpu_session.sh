@@ -12,6 +12,13 @@
 #   phase 3, carry [".stage/b", ".whl"]:  bash scripts/gpu_session.sh bench      (after phase 1)
 #       join the GGUF, convert SmolLM2 once; our AR/SD/SSD (SSD's draft on its own GPU) and transformers'
 #       assisted generation: expanded T=0 (GPUs 0,1), expanded T=1 then the SmolLM2 pair (GPUs 2,3)
+# On the 2-GPU machine (nvidia-h200-x2) the session of 2026-11-28 (third) ran four calls in a row instead:
+#   check,    carry [".stage/b", ".whl"]: stage GGUF part 1, the wheel and the draft; GPU tests (both GPUs),
+#             then the 8B step profile alone (GPU 0)
+#   gen,      carry [".stage/a"] (the draft's weights and tokenizer.json moved out): join the GGUF; sample the target for the distillation
+#             (GPU 0, saved under ~/stage/gen); random8b AR/SD/transformers and the expanded pair's AR/SD (GPU 1)
+#   distill,  no carry: train the draft shapes on those samples (GPU 0, ~9 min); the SmolLM2 pair (GPU 1)
+#   ssdbench, no carry: the best new draft into models/smollm2-draft (on the device), SSD with it (both GPUs)
 # The tree (~20 MB) and a carried part must stay under 64 MiB: for phase 1, move
 # models/smollm2-draft/model.safetensors out of the tree for the call (no phase-1 job needs it).
 #
@@ -20,7 +27,7 @@
 # and merge with `python scripts/bench.py --report-only --out DIR --merge ...`.
 set -o pipefail
 export PYTHONUNBUFFERED=1
-phase=${1:?tests, baselines, bench, tp or tpbench}
+phase=${1:?tests, baselines, bench, tp, tpbench, check, gen, distill or ssdbench}
 OUT=${OUT:-out}
 R=$HOME/bench/$phase
 mkdir -p "$R" ~/stage
@@ -32,9 +39,10 @@ B="timeout 510 python3 scripts/bench.py --new-tokens 128"
 # The SmolLM2 GGUF from its two staged parts (part 0 copied to ~/stage by an earlier call), the gguf wheel,
 # and the one-time conversion into $SSD_CACHE_DIR.
 stage_gguf() {
-  cat ~/stage/gguf.part.0 .stage/b/gguf.part.[1-9] > ~/stage/smollm2.gguf || return 1
-  echo "$(cat .stage/b/gguf.sha256)  $HOME/stage/smollm2.gguf" | sha256sum -c || return 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target ~/site .whl/*.whl || return 1
+  cp -n .stage/a/* .stage/b/* ~/stage/ 2>/dev/null; mkdir -p ~/stage/whl; cp -n .whl/*.whl ~/stage/whl/ 2>/dev/null
+  cat ~/stage/gguf.part.[0-9] > ~/stage/smollm2.gguf || return 1
+  echo "$(cat ~/stage/gguf.sha256)  $HOME/stage/smollm2.gguf" | sha256sum -c || return 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target ~/site ~/stage/whl/*.whl || return 1
   export PYTHONPATH=$HOME/site SSD_GGUF=$HOME/stage/smollm2.gguf
   python3 -c "import embedded; embedded.ensure_target()" 2>&1 | tail -1
 }
@@ -78,9 +86,47 @@ tpbench) # carry [".stage/b", ".whl"]: AR/SD/SSD with TP = ${TPS:-1,2,3} targets
   on 0,1,2,3 bench_tp timeout 500 python3 scripts/bench_tp.py --out ~/bench/tp --tp ${TPS:-1,2,3} --prompts 4 \
       --repeats 1 --config-timeout-s 150 --budget-s 330
   ;;
+check)   # carry [".stage/b", ".whl"]
+  cp .stage/b/* ~/stage/ && mkdir -p ~/stage/whl && cp .whl/*.whl ~/stage/whl/ && cp models/smollm2-draft/model.safetensors ~/stage/draft.safetensors \
+    && cp models/smollm2-draft/tokenizer.json ~/stage/draft_tokenizer.json
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$R/gpus.txt"
+  on 1 gpu_tests_kernels timeout 300 python3 -m pytest -q -m gpu tests/test_kernels.py
+  on 0,1 gpu_tests_fast_tp bash -c "timeout 300 python3 -m pytest -q -m gpu tests/test_fast.py tests/test_tp.py"
+  wait
+  on 0 profile_step timeout 240 python3 scripts/profile_step.py --out "$R"
+  ;;
+gen)     # carry [".stage/a"] with models/smollm2-draft/{model.safetensors,tokenizer.json} moved out of the tree
+  cp ~/stage/draft.safetensors models/smollm2-draft/model.safetensors
+  cp ~/stage/draft_tokenizer.json models/smollm2-draft/tokenizer.json
+  stage_gguf || exit 1
+  on 0 distill_gen timeout 470 python3 scripts/distill_draft.py train --gen-only --gguf ~/stage/smollm2.gguf \
+      --out ~/stage/gen --seed 0 --n-samples 98304 --greedy-frac 0.07 --gen-batch 4096 --gen-seconds 380
+  on 1 random8b_expanded timeout 480 bash -c "$B --out ~/bench/random8b --pairs random8b --systems ar,sd,hf,hf_static \
+      --batch-sizes 1 --temperatures 0 --ks 4 --budget-s 250; \
+      $B --out ~/bench/expanded_arsd --pairs expanded --systems ar,sd --batch-sizes 1,4 --temperatures 0 --ks 2,4 \
+      --ks-batched 4 --budget-s 150"
+  ;;
+distill) # no carry: the machine is still warm from `gen`
+  cp ~/stage/draft.safetensors models/smollm2-draft/model.safetensors
+  on 0 distill timeout 560 python3 scripts/distill_draft.py train --samples ~/stage/gen/samples.pt \
+      --gguf ~/stage/smollm2.gguf --pd-text ~/stage/pd_text.jsonl.gz --out "$R/distill" --seed 0 \
+      --shapes ${SHAPES:-d384_l4_h6_kv2_i1280,d256_l14_h4_kv2_i1024,d320_l8_h5_kv1_i1024} \
+      --budget-seconds 540 --reserve-seconds 95
+  on 1 smollm2 timeout 500 $B --out ~/bench/smollm2 --pairs smollm2 --systems ar,sd,hf,hf_static,hf_assisted \
+      --batch-sizes 1,4 --temperatures 0 --ks 2,4 --ks-batched 4 --budget-s 420
+  wait
+  mkdir -p "$OUT/draft" && python3 scripts/distill_draft.py pick "$R/distill" "$OUT/draft" | tee "$R/pick.log"
+  cp "$R/distill.log" "$OUT/draft/distill_train.log"
+  ;;
+ssdbench) # no carry: after `distill`
+  cp ~/stage/draft.safetensors models/smollm2-draft/model.safetensors
+  python3 scripts/distill_draft.py pick ~/bench/distill/distill models/smollm2-draft
+  on 0,1 expanded_ssd $B --out ~/bench/expanded_ssd --pairs expanded --systems ar,sd,ssd --batch-sizes 1 \
+      --temperatures 0,1 --ks 4 --budget-s 250
+  ;;
 esac
 wait
 for f in "$R"/*.log; do echo "== $f"; grep -v "it/s\]\|run/s\]\|s/run\]" "$f" | tail -n 12; done
 tar czf "$OUT/$phase.tgz" --exclude='*.safetensors' -C "$HOME/bench" . 2>/dev/null
-if [ -d "$R/distill" ]; then mkdir -p "$OUT/distill" && cp -r "$R"/distill/* "$OUT/distill/" 2>/dev/null; fi
+if [ "$phase" = baselines ] && [ -d "$R/distill" ]; then mkdir -p "$OUT/distill" && cp -r "$R"/distill/* "$OUT/distill/" 2>/dev/null; fi
 ls -la "$OUT"

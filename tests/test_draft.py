@@ -181,3 +181,21 @@ def test_greedy_ssd_with_the_shipped_draft_equals_ar():
         out = ssd.generate(target, prompt, draft=draft, mode=mode, k=4, max_new_tokens=24)
         assert out.tokens == ar, mode
         assert out.summary()["tokens_per_round"] > 2      # measured 3.1 for SD here; the stand-in gives ~1.05
+
+
+def test_distill_pick_takes_the_best_draft_within_the_flops_limit(tmp_path):
+    """`distill_draft.py pick` ranks the trained shapes by held-out acceptance + greedy-match, skipping any
+    that costs more than a fifth of the target's FLOPs."""
+    run = tmp_path / "run"
+    metrics = {"a": (0.50, 0.60, 0.19), "b": (0.55, 0.61, 0.18), "c": (0.70, 0.70, 0.25)}
+    info = {"drafts": {}, "eval": {}}
+    for name, (acc, match, ratio) in metrics.items():
+        (run / name).mkdir(parents=True)
+        (run / name / "config.json").write_text(json.dumps({"name": name}))
+        (run / name / "model.safetensors").write_bytes(name.encode())
+        info["drafts"][name] = {"flops_ratio": ratio}
+        info["eval"][name] = {"all": {"expected_acceptance_T1": acc, "greedy_match": match}}
+    (run / "eval.json").write_text(json.dumps(info))
+    assert distill_draft.pick(str(run), str(tmp_path / "dest")) == "b"
+    assert json.loads((tmp_path / "dest" / "config.json").read_text()) == {"name": "b"}
+    assert json.loads((tmp_path / "dest" / "distill_eval.json").read_text()) == info
