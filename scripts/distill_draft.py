@@ -372,6 +372,7 @@ def train(args) -> None:
     torch.manual_seed(args.seed + 1)
     for path in args.samples or []:                  # samples saved by earlier --gen-only runs (other seeds)
         blob = torch.load(path)
+        blob["samples"] = [t.tolist() for t in torch.split(blob["tokens"], blob["lengths"].tolist())]
         if blob["seed"] != args.seed:                 # the held-out prompts depend on the seed: no leaks
             raise SystemExit(f"{path} was sampled with --seed {blob['seed']}, this run has --seed {args.seed}")
         samples += blob["samples"]
@@ -391,7 +392,9 @@ def train(args) -> None:
             f"{time.time() - tg:.1f}s, {gen_stats['gen_tokens']} generated tokens so far")
     if args.gen_only:                                 # a run of its own, so generation and training can each
         path = os.path.join(args.out, "samples.pt")   # take a whole device call
-        torch.save({"samples": samples, "gen_stats": gen_stats, "seed": args.seed}, path)
+        torch.save({"tokens": torch.tensor([t for x in samples for t in x], dtype=torch.int32),
+                    "lengths": torch.tensor([len(x) for x in samples]), "gen_stats": gen_stats,
+                    "seed": args.seed}, path)
         log(f"saved {len(samples)} samples ({gen_stats['gen_tokens']} generated tokens) to {path} "
             f"in {time.time() - tg:.1f}s")
         return

@@ -100,7 +100,7 @@ gen)     # carry [".stage/a"] with models/smollm2-draft/{model.safetensors,token
   cp ~/stage/draft_tokenizer.json models/smollm2-draft/tokenizer.json
   stage_gguf || exit 1
   on 0 distill_gen timeout 470 python3 scripts/distill_draft.py train --gen-only --gguf ~/stage/smollm2.gguf \
-      --out ~/stage/gen --seed 0 --n-samples 98304 --greedy-frac 0.07 --gen-batch 4096 --gen-seconds 380
+      --out ~/stage/gen --seed 0 --n-samples 98304 --greedy-frac 0.07 --gen-batch 4096 --gen-seconds 340
   on 1 random8b_expanded timeout 480 bash -c "$B --out ~/bench/random8b --pairs random8b --systems ar,sd,hf,hf_static \
       --batch-sizes 1 --temperatures 0 --ks 4 --budget-s 250; \
       $B --out ~/bench/expanded_arsd --pairs expanded --systems ar,sd --batch-sizes 1,4 --temperatures 0 --ks 2,4 \
