@@ -645,7 +645,7 @@ def main(argv=None) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cuda")
     t.add_argument("--random-target", action="store_true", help="pipeline smoke test: random target weights")
-    t.add_argument("--shapes", default="d384_l4_h6_kv2_i1280", help="comma-separated draft shapes, trained at once")
+    t.add_argument("--shapes", default="d320_l8_h5_kv1_i1024", help="comma-separated draft shapes, trained at once")
     t.add_argument("--n-samples", type=int, default=12288, help="target samples to generate")
     t.add_argument("--greedy-frac", type=float, default=0.25, help="fraction of samples generated greedily")
     t.add_argument("--gen-tokens", type=int, default=192)
