@@ -13,6 +13,8 @@ then the ``@triton.jit`` kernel, then the Python wrapper that checks shapes and 
                       exact sampling without a host sync: argmax_i p_i / E_i with E_i ~ Exp(1)
     verify            the exact speculative-sampling step (accept while u*q(s) < p(s), residual sample)
     silu_mul          SwiGLU's gate: silu(gate) * up from the fused gate-up projection, one pass
+    skinny_linear     x @ W^T for a handful of rows (decode / verify projections) without split-K; the
+                      engine uses it per weight shape only where it timed faster than cuBLAS
 
 Every wrapper also runs on CPU tensors under the Triton interpreter: set ``TRITON_INTERPRET=1`` before
 triton is imported (the tests do this when no GPU is present).  Nothing here synchronizes with the host:
@@ -38,6 +40,7 @@ __all__ = [
     "sample_from_logits", "sample_from_logits_ref",
     "verify", "verify_ref", "verify_greedy",
     "silu_mul", "silu_mul_ref",
+    "skinny_linear", "skinny_linear_ref", "skinny_linear_choose",
 ]
 
 # triton.jit decides at decoration time whether it interprets (TRITON_INTERPRET); INTERPRET records what it
@@ -966,6 +969,103 @@ def verify_greedy(target_argmax, draft_tokens):
     match = target_argmax[:, :-1].long() == draft_tokens.long()
     n = match.long().cumprod(dim=1).sum(dim=1)
     return n, target_argmax.long().gather(1, n[:, None]).squeeze(1)
+
+
+# ======================================================================================================
+# 8. Skinny linear layer (decode and verify projections: a handful of rows against a large weight)
+# ======================================================================================================
+
+def skinny_linear_ref(x, weight, bias=None, config=None):
+    """Reference. x [..., K] @ weight[N, K]^T (+ bias [N]) -> [..., N]: what F.linear computes
+    (`config`, the kernel's block sizes, is ignored)."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@triton.jit
+def _skinny_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                          HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program n: output columns [n*BLOCK_N, (n+1)*BLOCK_N) for all M (<= BLOCK_M) rows, the whole K
+    reduction in one program. Each weight element is read once and no partial sums leave the program,
+    so there is no split-K reduction kernel; the rows of x are padded to BLOCK_M for tl.dot."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
+                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        wt = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None],
+                     mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)          # [BLOCK_K, BLOCK_N]
+        acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+SKINNY_MAX_ROWS = 16
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): the candidates skinny_linear_choose times on the real weights.
+SKINNY_CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (16, 512, 4, 3))
+
+
+def skinny_linear(x, weight, bias=None, config=SKINNY_CONFIGS[0]):
+    """F.linear for at most SKINNY_MAX_ROWS rows (decode: B tokens; verify: B*(K+1)), as one launch.
+    cuBLAS splits K for the smaller decode projections and reduces in a second kernel, and leaves a
+    quarter of the bandwidth unused on them (scripts/profile_step.py); here a program owns BLOCK_N
+    output columns over the whole K, so the weight streams once and nothing is reduced afterwards."""
+    *lead, K = x.shape
+    N = weight.shape[0]
+    assert weight.shape[1] == K, f"x has K={K}, weight is {tuple(weight.shape)}"
+    _check_device(x, weight)
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    assert M <= SKINNY_MAX_ROWS, f"skinny_linear takes at most {SKINNY_MAX_ROWS} rows, got {M}"
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    assert weight.stride(-1) == 1, "weight must be contiguous along K"
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.view(*lead, N)
+    block_n, block_k, warps, stages = config
+    block_k = min(block_k, max(16, triton.next_power_of_2(K)))
+    _skinny_linear_kernel[(triton.cdiv(N, block_n),)](
+        x2, weight, bias if bias is not None else weight, out, M, N, K, x2.stride(0), weight.stride(0),
+        out.stride(0), HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=SKINNY_MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return out.view(*lead, N)
+
+
+def skinny_linear_choose(weights, rows=1, reps=7):
+    """Time F.linear against each SKINNY_CONFIGS entry on `weights` (every layer's copy of one projection,
+    so the pass streams from memory as a real step does, not from L2) and return the fastest: None for
+    F.linear, else the config. Synchronizes: call it before capturing graphs, never inside a round."""
+    w0 = weights[0]
+    x = torch.randn(rows, w0.shape[1], dtype=w0.dtype, device=w0.device)
+    candidates = [None] + list(SKINNY_CONFIGS)
+
+    def one_pass(cfg):
+        for w in weights:
+            if cfg is None:
+                torch.nn.functional.linear(x, w)
+            else:
+                skinny_linear(x, w, None, cfg)
+    times = {}
+    for cfg in candidates:
+        one_pass(cfg)                                    # compile / warm up
+        torch.cuda.synchronize(w0.device)
+        ts = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            one_pass(cfg)
+            end.record()
+            end.synchronize()
+            ts.append(start.elapsed_time(end))
+        times[cfg] = sorted(ts)[len(ts) // 2]
+    best = min(candidates, key=lambda c: times[c])
+    return best, {("torch" if c is None else "x".join(map(str, c))): t for c, t in times.items()}
 
 
 INTERPRET = type(_rope_kernel).__name__ == "InterpretedFunction"

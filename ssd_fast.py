@@ -68,7 +68,7 @@ class Ops:
         import kernels
         suffix = "" if use_triton else "_ref"
         for name in ("cache_attention", "tree_attention", "add_rmsnorm", "rmsnorm", "rope", "rope_kv_write",
-                     "sample_exponential_race", "verify", "silu_mul"):
+                     "sample_exponential_race", "verify", "silu_mul", "skinny_linear"):
             setattr(self, name, getattr(kernels, name + suffix))
         self.use_triton = use_triton
 
@@ -92,7 +92,11 @@ class FastCache:
 
 
 class FastModel:
-    def __init__(self, model: ssd.Transformer, device, dtype, ops: Ops):
+    """`linear` picks the implementation of the projections for at most kernels.SKINNY_MAX_ROWS rows
+    (decode and verify steps): "torch" (F.linear, cuBLAS), "triton" (kernels.skinny_linear) or "auto"
+    (on a GPU, per projection, whichever timed faster on this model's weights; see choose_linear)."""
+
+    def __init__(self, model: ssd.Transformer, device, dtype, ops: Ops, linear="torch"):
         cfg = model.cfg
         rope_type = (cfg.rope_scaling or {}).get("rope_type", "default")
         if cfg.sliding_window or rope_type == "dynamic" or cfg.partial_rotary_factor != 1.0:
@@ -125,6 +129,35 @@ class FastModel:
         self.sin = (angles.sin() * scale).float().to(device)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.n_params = sum(p.numel() for p in model.parameters())
+        self.linear, self.linear_times = {}, {}   # projection name -> None (F.linear) or a skinny config
+        if linear not in ("torch", "triton", "auto"):
+            raise ValueError(f"linear must be torch, triton or auto, got {linear!r}")
+        if linear != "torch" and ops.use_triton:
+            self.choose_linear(timed=linear == "auto")
+
+    PROJECTIONS = ("wqkv", "wo", "w_gate_up", "w_down", "lm_head")
+
+    def _weights(self, name):
+        return [self.lm_head] if name == "lm_head" else [L[name] for L in self.layers]
+
+    def choose_linear(self, timed=True):
+        """Per projection: time F.linear against the skinny kernel's configs over every layer's weight and
+        keep the faster (timed), or take the skinny kernel's first config (timed=False). Before any graph
+        capture: the timing synchronizes."""
+        import kernels
+        self.skinny_max_rows = kernels.SKINNY_MAX_ROWS
+        with on_device(self.device):
+            for name in self.PROJECTIONS:
+                if timed:
+                    self.linear[name], self.linear_times[name] = kernels.skinny_linear_choose(self._weights(name))
+                else:
+                    self.linear[name] = kernels.SKINNY_CONFIGS[0]
+
+    def _linear(self, h, name, w, b=None):
+        cfg = self.linear.get(name)
+        if cfg is not None and h.numel() // h.shape[-1] <= self.skinny_max_rows:
+            return self.ops.skinny_linear(h, w, b, cfg)
+        return F.linear(h, w, b)
 
     def new_cache(self, batch, slots, branches=0, k=0) -> FastCache:
         return FastCache(self.cfg, batch, slots, branches, k, self.dtype, self.device)
@@ -144,18 +177,19 @@ class FastModel:
         x, resid = self.embed[tokens], None
         for i, L in enumerate(self.layers):
             h, resid = ops.add_rmsnorm(x, resid, L["ln1"], cfg.rms_norm_eps)
-            qkv = F.linear(h, L["wqkv"], L["bqkv"])
+            qkv = self._linear(h, "wqkv", L["wqkv"], L["bqkv"])
             if tree is None and not cfg.qk_norm:   # decode / verify: RoPE and the cache write in one launch
                 q = ops.rope_kv_write(qkv.view(B, T, H + 2 * Hkv, D), positions, self.cos, self.sin,
                                       cache.k[i], cache.v[i], H, Hkv)
                 attn = ops.cache_attention(q, cache.k[i], cache.v[i], positions[:, 0], self.scale)
             else:
                 attn = self._attention_unfused(qkv, positions, cache, tree, i, L)
-            x = F.linear(attn.reshape(B, T, H * D), L["wo"], L["bo"])
+            x = self._linear(attn.reshape(B, T, H * D), "wo", L["wo"], L["bo"])
             h, resid = ops.add_rmsnorm(x, resid, L["ln2"], cfg.rms_norm_eps)
-            x = F.linear(ops.silu_mul(F.linear(h, L["w_gate_up"], L["b_gate_up"])), L["w_down"], L["b_down"])
+            gate_up = self._linear(h, "w_gate_up", L["w_gate_up"], L["b_gate_up"])
+            x = self._linear(ops.silu_mul(gate_up), "w_down", L["w_down"], L["b_down"])
         h, _ = ops.add_rmsnorm(x, resid, self.norm, cfg.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return self._linear(h, "lm_head", self.lm_head).float()
 
     def _attention_unfused(self, qkv, positions, cache, tree, i, L):
         """Attention of layer i with the separate RoPE and cache writes: Qwen3's q/k norms come between
@@ -268,11 +302,13 @@ class Engine:
     """Load once, generate many. `Engine(target, draft)` takes ssd.Transformer models (loaded on the
     CPU by ssd.load_model) and re-lays them on the device. `pipeline=False` reads every AR/SD round
     back before launching the next (for comparison; on by default). `tp=N` splits the target over N processes
-    (GPUs from `device` on; tp.py), each building it with `tp_loader`; `close()` stops them."""
+    (GPUs from `device` on; tp.py), each building it with `tp_loader`; `close()` stops them. `linear`:
+    the decode/verify projections' implementation (FastModel; "auto" times cuBLAS against the skinny
+    Triton kernel per projection at load)."""
 
     def __init__(self, target: ssd.Transformer, draft: ssd.Transformer | None = None, device=None,
                  dtype=None, cuda_graphs=True, max_seq=4096, log=print, concurrent=None, draft_device=None,
-                 tp=1, tp_loader=None, pipeline=True):
+                 tp=1, tp_loader=None, pipeline=True, linear="auto"):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         on_gpu = str(device).startswith("cuda")
         if on_gpu and not torch.cuda.is_available():
@@ -298,9 +334,9 @@ class Engine:
                                                    log)
             self.t_run = tensor_parallel.TPRunner(self.target, graphs)
         else:
-            self.target = FastModel(target, self.device, self.dtype, self.ops)
+            self.target = FastModel(target, self.device, self.dtype, self.ops, linear)
             self.t_run = Runner(self.target, graphs)
-        self.draft = FastModel(draft, self.draft_device, self.dtype, self.ops) if draft is not None else None
+        self.draft = FastModel(draft, self.draft_device, self.dtype, self.ops, linear) if draft is not None else None
         self.d_run = Runner(self.draft, graphs) if draft is not None else None
         self.max_seq = min(max_seq, target.cfg.max_position_embeddings)
         self.caches, self.calibrated = {}, {}

@@ -3,9 +3,12 @@
     python scripts/profile_step.py [--out DIR]        (a CUDA GPU; about a minute)
 
 Prints, for the fast engine's AR step:
+  0. which implementation the engine chose for each projection (cuBLAS or the skinny Triton kernel) and the
+     times it chose by (a pass over every layer's weight, one row);
   1. the step's CUDA graph replayed back to back (device time per token) against a whole AR round of
      Engine.generate (graph + the eager bookkeeping + the one host synchronization), with the rounds
      pipelined (the default) and read back one at a time: the difference is what the host costs per token;
+     then the same with every projection on cuBLAS (linear="torch"), for comparison;
   2. the kernels of one eager step by device time (torch.profiler), grouped;
   3. each weight matrix's GEMV (F.linear with one row) alone: achieved bytes/s against the measured
      copy bandwidth, which says how close cuBLAS gets to the floor on these shapes.
@@ -57,6 +60,16 @@ def main():
     weights += fm.lm_head.numel() * 2 + fm.norm.numel() * 2
     res["floor_s"] = weights / bw
 
+    # 0. the projections' implementation, chosen by timing at load (FastModel.choose_linear)
+    res["linear_choice"] = {k: ("cuBLAS" if v is None else "skinny " + "x".join(map(str, v))) for k, v in fm.linear.items()}
+    res["linear_times_ms"] = fm.linear_times
+    print("projections (one pass over every layer's weight, 1 row, ms; the engine keeps the fastest):")
+    for name, times in fm.linear_times.items():
+        nbytes = sum(w.numel() * w.element_size() for w in fm._weights(name))
+        best = min(times.values())
+        print(f"  {name:10s} -> {res['linear_choice'][name]:18s} " + "  ".join(f"{k} {v:.3f}" for k, v in times.items())
+              + f"  (best: {nbytes / (best / 1e3) / bw:.0%} of the copy bandwidth)")
+
     # 1. graph replay vs a whole round, with the rounds pipelined (default) and one at a time
     prompt = [[int(x) for x in torch.randint(0, 128256, (16,))]]
     for pipeline in (False, True):
@@ -75,6 +88,19 @@ def main():
     print(f"AR round (generate) {1e3 * res['round_s']:.3f} ms pipelined, {1e3 * res['round_s_unpipelined']:.3f} ms "
           f"one at a time | graph replay {1e3 * res['graph_replay_s']:.3f} ms | "
           f"eager forward {1e3 * res['eager_forward_s']:.3f} ms")
+    chosen = dict(fm.linear)
+    fm.linear = {}                                        # every projection on cuBLAS; graphs captured again
+    engine.t_run.graphs.clear()
+    engine.generate(prompt, mode="ar", max_new_tokens=16, eos_token_id=[])
+    out = engine.generate(prompt, mode="ar", max_new_tokens=128, eos_token_id=[])
+    res["round_s_cublas"] = statistics.median([r.times["round"] for r in out.rounds[2:]])
+    graph = [g for k, g in engine.t_run.graphs.items() if k[0] == "ar"][0]
+    res["graph_replay_s_cublas"] = event_time(graph.graph.replay)
+    fm.linear = chosen
+    print(f"with every projection on cuBLAS: AR round {1e3 * res['round_s_cublas']:.3f} ms pipelined | graph replay "
+          f"{1e3 * res['graph_replay_s_cublas']:.3f} ms")
+    print(f"fraction of the floor (pipelined round): {res['floor_s'] / res['round_s']:.1%} as chosen, "
+          f"{res['floor_s'] / res['round_s_cublas']:.1%} all cuBLAS")
 
     # 2. kernels of one eager step
     from torch.profiler import ProfilerActivity, profile

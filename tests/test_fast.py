@@ -78,6 +78,27 @@ def test_device_ngram_equals_reference(pair, cpu_engine):
     assert cpu_engine._ngram_proposal(st, req)[0].tolist() == ssd.ngram_proposal(hist, 3)
 
 
+def test_fast_skinny_linear_equals_torch(pair):
+    """The projections through kernels.skinny_linear (Triton, interpreted on a CPU) give F.linear's logits for
+    decode (B x 1) and verify (B x 5) rows, and F.linear still serves more rows than the kernel takes."""
+    import kernels
+    if not kernels.INTERPRET:
+        pytest.skip("needs the Triton interpreter on the CPU")
+    target = pair[0]
+    torch_model = ssd_fast.FastModel(target, "cpu", torch.float32, ssd_fast.Ops(use_triton=True), linear="torch")
+    skinny = ssd_fast.FastModel(target, "cpu", torch.float32, ssd_fast.Ops(use_triton=True), linear="triton")
+    assert torch_model.linear == {} and set(skinny.linear) == set(ssd_fast.FastModel.PROJECTIONS)
+    g = torch.Generator().manual_seed(0)
+    for B, T in ((2, 1), (3, 5), (1, 20)):
+        tokens = torch.randint(0, target.cfg.vocab_size, (B, T), generator=g)
+        positions = torch.arange(T)[None].repeat(B, 1)
+        a = torch_model.forward(tokens, positions, torch_model.new_cache(B, 32))
+        b = skinny.forward(tokens, positions, skinny.new_cache(B, 32))
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="linear must be"):
+        ssd_fast.FastModel(target, "cpu", torch.float32, ssd_fast.Ops(use_triton=False), linear="cublas")
+
+
 # --- on a GPU -----------------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -97,6 +118,19 @@ def test_gpu_float32_equals_reference(pair):
     cpu = ssd.generate(pair[0], PROMPTS, max_new_tokens=24, eos_token_id=[]).tokens
     for mode in ("ar", "ssd"):
         assert engine.generate(PROMPTS, mode=mode, k=3, max_new_tokens=24, eos_token_id=[]).tokens == cpu
+
+
+@pytest.mark.gpu
+def test_gpu_skinny_linear_equals_torch(pair):
+    """float32: the engine with every decode/verify projection in the skinny Triton kernel gives the tokens
+    of the engine with cuBLAS; "auto" picks per projection and records the times it chose by."""
+    skinny = ssd_fast.Engine(*pair, device="cuda", dtype=torch.float32, linear="triton")
+    cublas = ssd_fast.Engine(*pair, device="cuda", dtype=torch.float32, linear="torch")
+    for kw in (dict(mode="ar"), dict(mode="sd", k=4), dict(mode="ssd", k=3)):
+        assert skinny.generate(PROMPTS, max_new_tokens=20, eos_token_id=[], **kw).tokens == \
+            cublas.generate(PROMPTS, max_new_tokens=20, eos_token_id=[], **kw).tokens, kw
+    auto = ssd_fast.Engine(*pair, device="cuda", linear="auto")
+    assert set(auto.target.linear_times) == set(ssd_fast.FastModel.PROJECTIONS)
 
 
 @pytest.mark.gpu

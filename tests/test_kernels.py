@@ -501,3 +501,37 @@ def test_rope_kv_write_into_one_row_of_a_batch_cache():
         torch.testing.assert_close(vc[row], before_v[row], rtol=0, atol=0)
     torch.testing.assert_close(vc[1, :T], qkv[0, :, H + Hkv:], rtol=0, atol=0)
     torch.testing.assert_close(vc[1, T:], before_v[1, T:], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ skinny linear (decode / verify projections)
+
+@pytest.mark.parametrize("M,N,Kd,bias", [(1, 37, 70, False), (5, 100, 300, True), (16, 64, 128, False),
+                                         (3, 257, 513, True), (2, 96, 16, False)])
+@pytest.mark.parametrize("config", K.SKINNY_CONFIGS)
+def test_skinny_linear(M, N, Kd, bias, config):
+    g = _gen(M * 1000 + N + Kd)
+    x = _randn(g, M, Kd)
+    w = _randn(g, N, Kd) / Kd ** 0.5
+    b = _randn(g, N) if bias else None
+    out = K.skinny_linear(x, w, b, config)
+    torch.testing.assert_close(out, K.skinny_linear_ref(x, w, b), **TOL32)
+    x3 = _randn(g, 1, M, Kd)                                   # leading dims are kept
+    assert K.skinny_linear(x3, w, None, config).shape == (1, M, N)
+
+
+def test_skinny_linear_rejects_too_many_rows():
+    with pytest.raises(AssertionError, match="at most"):
+        K.skinny_linear(torch.zeros(K.SKINNY_MAX_ROWS + 1, 8, device=DEV), torch.zeros(4, 8, device=DEV))
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_skinny_linear_bf16_and_choice():
+    g = _gen(7)
+    ws = [_randn(g, 1536, 576, dtype=torch.bfloat16) / 24 for _ in range(3)]
+    x = _randn(g, 5, 576, dtype=torch.bfloat16)
+    for config in K.SKINNY_CONFIGS:
+        torch.testing.assert_close(K.skinny_linear(x, ws[0], None, config), K.skinny_linear_ref(x, ws[0]), **TOL16)
+    best, times = K.skinny_linear_choose(ws)
+    assert best is None or best in K.SKINNY_CONFIGS
+    assert set(times) == {"torch"} | {"x".join(map(str, c)) for c in K.SKINNY_CONFIGS}
