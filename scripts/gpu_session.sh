@@ -118,6 +118,12 @@ distill) # no carry: the machine is still warm from `gen`
   mkdir -p "$OUT/draft" && python3 scripts/distill_draft.py pick "$R/distill" "$OUT/draft" | tee "$R/pick.log"
   cp "$R/distill.log" "$OUT/draft/distill_train.log"
   ;;
+skinny)  # no carry, any machine with 2 GPUs: GPU tests, then the 8B step profile (skinny linear vs cuBLAS)
+  on 1 gpu_tests_kernels timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py
+  on 0,1 gpu_tests_fast timeout 170 python3 -m pytest -q -m gpu tests/test_fast.py
+  wait
+  on 0 profile_step timeout 170 python3 scripts/profile_step.py --out "$R"
+  ;;
 ssdbench) # no carry: after `distill`
   cp ~/stage/draft.safetensors models/smollm2-draft/model.safetensors
   python3 scripts/distill_draft.py pick ~/bench/distill/distill models/smollm2-draft
