@@ -13,8 +13,8 @@ then the ``@triton.jit`` kernel, then the Python wrapper that checks shapes and 
                       exact sampling without a host sync: argmax_i p_i / E_i with E_i ~ Exp(1)
     verify            the exact speculative-sampling step (accept while u*q(s) < p(s), residual sample)
     silu_mul          SwiGLU's gate: silu(gate) * up from the fused gate-up projection, one pass
-    skinny_linear     x @ W^T for a handful of rows (decode / verify projections) without split-K; the
-                      engine uses it per weight shape only where it timed faster than cuBLAS
+    skinny_linear     x @ W^T for one row (a decode step at batch 1) without split-K; the engine uses it
+                      per projection only where it timed faster than cuBLAS
 
 Every wrapper also runs on CPU tensors under the Triton interpreter: set ``TRITON_INTERPRET=1`` before
 triton is imported (the tests do this when no GPU is present).  Nothing here synchronizes with the host:
@@ -982,36 +982,33 @@ def skinny_linear_ref(x, weight, bias=None, config=None):
 
 
 @triton.jit
-def _skinny_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                          HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program n: output columns [n*BLOCK_N, (n+1)*BLOCK_N) for all M (<= BLOCK_M) rows, the whole K
-    reduction in one program. Each weight element is read once and no partial sums leave the program,
-    so there is no split-K reduction kernel; the rows of x are padded to BLOCK_M for tl.dot."""
+def _skinny_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
+                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program n: outputs [n*BLOCK_N, (n+1)*BLOCK_N) of one row, the whole K reduction in one program.
+    Each weight element is read once, coalesced along K, and no partial sums leave the program, so there
+    is no split-K reduction kernel. Products accumulate elementwise in float32 and are summed at the end."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
-                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        wt = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None],
-                     mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)          # [BLOCK_K, BLOCK_N]
-        acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K),
+                    other=0.0)
+        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+        y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
-SKINNY_MAX_ROWS = 16
+SKINNY_MAX_ROWS = 1
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): the candidates skinny_linear_choose times on the real weights.
-SKINNY_CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (16, 512, 4, 3))
+SKINNY_CONFIGS = ((8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 8, 3), (32, 256, 8, 3))
 
 
 def skinny_linear(x, weight, bias=None, config=SKINNY_CONFIGS[0]):
-    """F.linear for at most SKINNY_MAX_ROWS rows (decode: B tokens; verify: B*(K+1)), as one launch.
+    """F.linear for SKINNY_MAX_ROWS = 1 row (a decode step at batch 1: the memory-bound case), one launch.
     cuBLAS splits K for the smaller decode projections and reduces in a second kernel, and leaves a
     quarter of the bandwidth unused on them (scripts/profile_step.py); here a program owns BLOCK_N
     output columns over the whole K, so the weight streams once and nothing is reduced afterwards."""
@@ -1031,16 +1028,16 @@ def skinny_linear(x, weight, bias=None, config=SKINNY_CONFIGS[0]):
     block_n, block_k, warps, stages = config
     block_k = min(block_k, max(16, triton.next_power_of_2(K)))
     _skinny_linear_kernel[(triton.cdiv(N, block_n),)](
-        x2, weight, bias if bias is not None else weight, out, M, N, K, x2.stride(0), weight.stride(0),
-        out.stride(0), HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x.dtype),
-        BLOCK_M=SKINNY_MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        x2, weight, bias if bias is not None else weight, out, N, K, weight.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out.view(*lead, N)
 
 
 def skinny_linear_choose(weights, rows=1, reps=7):
     """Time F.linear against each SKINNY_CONFIGS entry on `weights` (every layer's copy of one projection,
     so the pass streams from memory as a real step does, not from L2) and return the fastest: None for
-    F.linear, else the config. Synchronizes: call it before capturing graphs, never inside a round."""
+    F.linear, else the config, and the times (ms per pass). Synchronizes and captures CUDA graphs: call it
+    at load, before the engine captures its own, never inside a round."""
     w0 = weights[0]
     x = torch.randn(rows, w0.shape[1], dtype=w0.dtype, device=w0.device)
     candidates = [None] + list(SKINNY_CONFIGS)
@@ -1051,19 +1048,27 @@ def skinny_linear_choose(weights, rows=1, reps=7):
                 torch.nn.functional.linear(x, w)
             else:
                 skinny_linear(x, w, None, cfg)
+    # Timed as CUDA-graph replays, as the engine runs them: launched eagerly from Python, a Triton kernel's
+    # launch overhead (tens of microseconds) would hide what the GPU does.
     times = {}
+    stream = torch.cuda.Stream(w0.device)
     for cfg in candidates:
         one_pass(cfg)                                    # compile / warm up
         torch.cuda.synchronize(w0.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            one_pass(cfg)
+        graph.replay()
         ts = []
         for _ in range(reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            one_pass(cfg)
+            graph.replay()
             end.record()
             end.synchronize()
             ts.append(start.elapsed_time(end))
         times[cfg] = sorted(ts)[len(ts) // 2]
+        del graph
     best = min(candidates, key=lambda c: times[c])
     return best, {("torch" if c is None else "x".join(map(str, c))): t for c, t in times.items()}
 

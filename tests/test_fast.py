@@ -80,7 +80,7 @@ def test_device_ngram_equals_reference(pair, cpu_engine):
 
 def test_fast_skinny_linear_equals_torch(pair):
     """The projections through kernels.skinny_linear (Triton, interpreted on a CPU) give F.linear's logits for
-    decode (B x 1) and verify (B x 5) rows, and F.linear still serves more rows than the kernel takes."""
+    a one-row decode step, and F.linear still serves the steps with more rows (batches, verify, prefill)."""
     import kernels
     if not kernels.INTERPRET:
         pytest.skip("needs the Triton interpreter on the CPU")
@@ -89,7 +89,7 @@ def test_fast_skinny_linear_equals_torch(pair):
     skinny = ssd_fast.FastModel(target, "cpu", torch.float32, ssd_fast.Ops(use_triton=True), linear="triton")
     assert torch_model.linear == {} and set(skinny.linear) == set(ssd_fast.FastModel.PROJECTIONS)
     g = torch.Generator().manual_seed(0)
-    for B, T in ((2, 1), (3, 5), (1, 20)):
+    for B, T in ((1, 1), (2, 1), (3, 5), (1, 20)):
         tokens = torch.randint(0, target.cfg.vocab_size, (B, T), generator=g)
         positions = torch.arange(T)[None].repeat(B, 1)
         a = torch_model.forward(tokens, positions, torch_model.new_cache(B, 32))
@@ -126,9 +126,10 @@ def test_gpu_skinny_linear_equals_torch(pair):
     of the engine with cuBLAS; "auto" picks per projection and records the times it chose by."""
     skinny = ssd_fast.Engine(*pair, device="cuda", dtype=torch.float32, linear="triton")
     cublas = ssd_fast.Engine(*pair, device="cuda", dtype=torch.float32, linear="torch")
-    for kw in (dict(mode="ar"), dict(mode="sd", k=4), dict(mode="ssd", k=3)):
-        assert skinny.generate(PROMPTS, max_new_tokens=20, eos_token_id=[], **kw).tokens == \
-            cublas.generate(PROMPTS, max_new_tokens=20, eos_token_id=[], **kw).tokens, kw
+    for prompts in (PROMPTS[:1], PROMPTS):                     # one row: the skinny kernel's case
+        for kw in (dict(mode="ar"), dict(mode="sd", k=4), dict(mode="ssd", k=3)):
+            assert skinny.generate(prompts, max_new_tokens=20, eos_token_id=[], **kw).tokens == \
+                cublas.generate(prompts, max_new_tokens=20, eos_token_id=[], **kw).tokens, (len(prompts), kw)
     auto = ssd_fast.Engine(*pair, device="cuda", linear="auto")
     assert set(auto.target.linear_times) == set(ssd_fast.FastModel.PROJECTIONS)
 

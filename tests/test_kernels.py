@@ -505,8 +505,8 @@ def test_rope_kv_write_into_one_row_of_a_batch_cache():
 
 # ------------------------------------------------------------------ skinny linear (decode / verify projections)
 
-@pytest.mark.parametrize("M,N,Kd,bias", [(1, 37, 70, False), (5, 100, 300, True), (16, 64, 128, False),
-                                         (3, 257, 513, True), (2, 96, 16, False)])
+@pytest.mark.parametrize("M,N,Kd,bias", [(1, 37, 70, False), (1, 100, 300, True), (1, 64, 128, False),
+                                         (1, 257, 513, True), (1, 96, 16, False), (0, 8, 16, False)])
 @pytest.mark.parametrize("config", K.SKINNY_CONFIGS)
 def test_skinny_linear(M, N, Kd, bias, config):
     g = _gen(M * 1000 + N + Kd)
@@ -517,6 +517,8 @@ def test_skinny_linear(M, N, Kd, bias, config):
     torch.testing.assert_close(out, K.skinny_linear_ref(x, w, b), **TOL32)
     x3 = _randn(g, 1, M, Kd)                                   # leading dims are kept
     assert K.skinny_linear(x3, w, None, config).shape == (1, M, N)
+    x_strided = _randn(g, M, 2 * Kd)[:, ::2]                   # a non-contiguous row
+    torch.testing.assert_close(K.skinny_linear(x_strided, w, b, config), K.skinny_linear_ref(x_strided, w, b), **TOL32)
 
 
 def test_skinny_linear_rejects_too_many_rows():
@@ -529,7 +531,7 @@ def test_skinny_linear_rejects_too_many_rows():
 def test_skinny_linear_bf16_and_choice():
     g = _gen(7)
     ws = [_randn(g, 1536, 576, dtype=torch.bfloat16) / 24 for _ in range(3)]
-    x = _randn(g, 5, 576, dtype=torch.bfloat16)
+    x = _randn(g, 1, 576, dtype=torch.bfloat16)
     for config in K.SKINNY_CONFIGS:
         torch.testing.assert_close(K.skinny_linear(x, ws[0], None, config), K.skinny_linear_ref(x, ws[0]), **TOL16)
     best, times = K.skinny_linear_choose(ws)
