@@ -110,6 +110,10 @@ def build_parser(backend: str = "fast") -> argparse.ArgumentParser:
                             "GPU when one is visible (N+1 GPUs: what SSD's overlap wants), else on the target's first "
                             "GPU (said once). --gpus, if given, must be N (draft shares) or N+1. The attention heads "
                             "and KV heads must divide by N. Default 1")
+        g.add_argument("--linear", choices=["auto", "torch", "triton"], default="auto",
+                       help="the projections of one-row decode steps on a GPU: auto (default) times cuBLAS against "
+                            "the one-row Triton GEMV per projection at load and keeps the faster (with CUDA graphs); "
+                            "torch: always cuBLAS; triton: always the Triton kernel")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights and activations (default auto: bfloat16 on a GPU, float32 on a CPU)")
     g.add_argument("--no-cuda-graphs", action="store_true",
@@ -567,7 +571,8 @@ class Backend:
         if kind == "fast":
             import ssd_fast
             kw = dict(device=placement.target, dtype=placement.dtype, cuda_graphs=not args.no_cuda_graphs, log=log,
-                      concurrent={"auto": None, "on": True, "off": False}[args.concurrent])
+                      concurrent={"auto": None, "on": True, "off": False}[args.concurrent],
+                      linear=getattr(args, "linear", "auto"))
             if max_seq:
                 kw["max_seq"] = max_seq
             if placement.draft and (placement.draft != placement.target or placement.tp > 1):

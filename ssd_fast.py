@@ -328,6 +328,9 @@ class Engine:
             raise ValueError(f"draft device {self.draft_device} asked for, but only {torch.cuda.device_count()} GPU(s) "
                              "are visible")
         graphs = cuda_graphs and on_gpu
+        # "auto" times the projections as CUDA-graph replays; launched eagerly, a Triton kernel's Python launch
+        # overhead would cost more than cuBLAS saves, so without graphs only an explicit "triton" uses it.
+        linear = linear if graphs or linear == "triton" else "torch"
         if tp > 1:   # the target split over tp processes, this one being rank 0 (tp.py)
             import tp as tensor_parallel
             self.target = tensor_parallel.TPTarget(target, tp, tp_loader, self.device, self.dtype, self.ops, graphs,

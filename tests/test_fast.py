@@ -297,8 +297,10 @@ def test_continuous_batching_admits_without_disturbing(pair, request, mode, engi
 @pytest.mark.gpu
 def test_gpu_two_gpus_bf16_graphs_greedy_agree(pair):
     """The draft on its own GPU (when there are two), bf16, CUDA graphs, concurrent: SSD's greedy tokens
-    equal the same engine's AR tokens (same target kernels), for ragged batches of 1 and 4."""
-    engine = ssd_fast.Engine(*pair, device="cuda", concurrent=True, draft_device=_second_gpu())
+    equal the same engine's AR tokens, for ragged batches of 1 and 4. linear="torch": with "auto", AR at
+    batch 1 may run its projections in the one-row skinny kernel while SSD's verify (K+1 rows) runs cuBLAS,
+    and two kernels' bf16 rounding can flip a near-tie of this random model (float32: equal, tested above)."""
+    engine = ssd_fast.Engine(*pair, device="cuda", concurrent=True, draft_device=_second_gpu(), linear="torch")
     for batch in (1, 4):
         ar = engine.generate(PROMPTS[:batch], mode="ar", max_new_tokens=24, eos_token_id=[]).tokens
         for kw in (dict(k=3, backup="jit"), dict(k=4, backup="fast"), dict(k="auto")):
