@@ -972,7 +972,7 @@ def verify_greedy(target_argmax, draft_tokens):
 
 
 # ======================================================================================================
-# 8. Skinny linear layer (decode and verify projections: a handful of rows against a large weight)
+# 8. Skinny linear layer (a decode step's projections at batch 1: one row against a large weight)
 # ======================================================================================================
 
 def skinny_linear_ref(x, weight, bias=None, config=None):
@@ -1022,6 +1022,7 @@ def skinny_linear(x, weight, bias=None, config=SKINNY_CONFIGS[0]):
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     assert weight.stride(-1) == 1, "weight must be contiguous along K"
+    assert weight.shape[0] * weight.stride(0) < 2 ** 31, "the kernel indexes the weight with 32-bit offsets"
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return out.view(*lead, N)
@@ -1039,6 +1040,8 @@ def skinny_linear_choose(weights, rows=1, reps=7):
     F.linear, else the config, and the times (ms per pass). Synchronizes and captures CUDA graphs: call it
     at load, before the engine captures its own, never inside a round."""
     w0 = weights[0]
+    if w0.numel() >= 2 ** 31:                            # beyond the kernel's 32-bit offsets
+        return None, {}
     x = torch.randn(rows, w0.shape[1], dtype=w0.dtype, device=w0.device)
     candidates = [None] + list(SKINNY_CONFIGS)
 

@@ -92,9 +92,10 @@ class FastCache:
 
 
 class FastModel:
-    """`linear` picks the implementation of the projections for at most kernels.SKINNY_MAX_ROWS rows
-    (decode and verify steps): "torch" (F.linear, cuBLAS), "triton" (kernels.skinny_linear) or "auto"
-    (on a GPU, per projection, whichever timed faster on this model's weights; see choose_linear)."""
+    """`linear` picks the implementation of the projections of steps with at most kernels.SKINNY_MAX_ROWS
+    (= 1) rows, i.e. decode at batch 1: "torch" (F.linear, cuBLAS), "triton" (kernels.skinny_linear) or
+    "auto" (on a GPU, per projection, whichever timed faster on this model's weights; see choose_linear).
+    Steps with more rows (batches, verify, prefill, the tree) always use F.linear."""
 
     def __init__(self, model: ssd.Transformer, device, dtype, ops: Ops, linear="torch"):
         cfg = model.cfg
@@ -303,8 +304,8 @@ class Engine:
     CPU by ssd.load_model) and re-lays them on the device. `pipeline=False` reads every AR/SD round
     back before launching the next (for comparison; on by default). `tp=N` splits the target over N processes
     (GPUs from `device` on; tp.py), each building it with `tp_loader`; `close()` stops them. `linear`:
-    the decode/verify projections' implementation (FastModel; "auto" times cuBLAS against the skinny
-    Triton kernel per projection at load)."""
+    the projections of one-row decode steps (FastModel; "auto" times cuBLAS against the skinny Triton
+    kernel per projection at load, with CUDA graphs)."""
 
     def __init__(self, target: ssd.Transformer, draft: ssd.Transformer | None = None, device=None,
                  dtype=None, cuda_graphs=True, max_seq=4096, log=print, concurrent=None, draft_device=None,
