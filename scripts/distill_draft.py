@@ -370,7 +370,7 @@ def train(args) -> None:
     samples, gen_stats = [], {"greedy": 0, "sample": 0, "gen_tokens": 0}
     tg = time.time()
     torch.manual_seed(args.seed + 1)
-    for path in args.samples or []:                  # samples saved by earlier --gen-only runs (other seeds)
+    for path in args.samples or []:                  # samples saved by earlier --gen-only runs (same --seed)
         blob = torch.load(path)
         blob["samples"] = [t.tolist() for t in torch.split(blob["tokens"], blob["lengths"].tolist())]
         if blob["seed"] != args.seed:                 # the held-out prompts depend on the seed: no leaks

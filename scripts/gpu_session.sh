@@ -19,6 +19,8 @@
 #             (GPU 0, saved under ~/stage/gen); random8b AR/SD/transformers and the expanded pair's AR/SD (GPU 1)
 #   distill,  no carry: train the draft shapes on those samples (GPU 0, ~9 min); the SmolLM2 pair (GPU 1)
 #   ssdbench, no carry: the best new draft into models/smollm2-draft (on the device), SSD with it (both GPUs)
+#   skinny,   no carry (a later, fresh call): GPU tests, then the 8B step profile (the one-row Triton GEMV
+#             against cuBLAS)
 # The tree (~20 MB) and a carried part must stay under 64 MiB: for phase 1, move
 # models/smollm2-draft/model.safetensors out of the tree for the call (no phase-1 job needs it).
 #
