@@ -13,6 +13,8 @@ Two steps (the second needs a GPU to finish in minutes; it runs on a CPU too, sl
      [--gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf] [--steps N]
      (or in two runs, each within a device call: `train --gen-only --out GEN ...` samples the target and saves
      GEN/samples.pt; `train --samples GEN/samples.pt ...` trains on them)
+     Training longer than one device call: give the run a fixed --steps N with --until-budget and
+     --checkpoint CKPT; each later call passes the same arguments plus --resume CKPT (exact continuation).
   3. python scripts/distill_draft.py pick OUTDIR models/smollm2-draft   (the best of the shapes trained)
 
 `train` does everything on the device: loads the target from its GGUF file, samples it on the prompts of
@@ -309,6 +311,39 @@ def evaluate(models: dict, target, ev: dict, device, K: int = 4, batch: int = 48
     return res
 
 
+def save_checkpoint(path, drafts, seed, n_samples, step, total_steps, ep, pos, tokens_seen, curve) -> None:
+    """Everything a later run needs to continue training exactly where this one stopped: the drafts'
+    weights and optimizer states, the step, the LR schedule's length and the position in the data."""
+    import torch
+    torch.save({"seed": seed, "n_samples": n_samples, "step": step, "total_steps": total_steps, "ep": ep, "pos": pos,
+                "tokens_seen": tokens_seen, "curve": curve,
+                "drafts": {name: {"body": d["body"].state_dict(), "proj": d["proj"].detach(),
+                                  "opt": d["opt"].state_dict(), "loss_ema": d["loss_ema"]}
+                           for name, d in drafts.items()}}, path)
+
+
+def load_checkpoint(path, drafts, seed, n_samples, total_steps, device):
+    """Restore save_checkpoint's state into freshly built drafts; returns (step, ep, pos, tokens_seen, curve,
+    total_steps). The run must train the same shapes on the same samples with the same seed."""
+    import torch
+    ck = torch.load(path, map_location=device)
+    if sorted(ck["drafts"]) != sorted(drafts) or ck["n_samples"] != n_samples or ck["seed"] != seed:
+        raise SystemExit(f"{path} trained {sorted(ck['drafts'])} on {ck['n_samples']} samples with seed {ck['seed']}; "
+                         f"this run has {sorted(drafts)}, {n_samples} samples, seed {seed}")
+    if total_steps is not None and ck["total_steps"] != total_steps:
+        raise SystemExit(f"{path} follows a schedule of {ck['total_steps']} steps, this run asks for {total_steps}")
+    if ck["total_steps"] is None:
+        raise SystemExit(f"{path} stopped before its step count was fixed: pass --steps to resume it")
+    for name, d in drafts.items():
+        c = ck["drafts"][name]
+        d["body"].load_state_dict(c["body"])
+        with torch.no_grad():
+            d["proj"].copy_(c["proj"])
+        d["opt"].load_state_dict(c["opt"])
+        d["loss_ema"] = c["loss_ema"]
+    return ck["step"], ck["ep"], ck["pos"], ck["tokens_seen"], ck["curve"], ck["total_steps"]
+
+
 def train(args) -> None:
     import torch
     import torch.nn.functional as F
@@ -463,16 +498,26 @@ def train(args) -> None:
 
     total_steps = args.steps if args.steps > 0 else None
     est_steps = total_steps or 10 ** 9
-    step, ep, rows, pos, tokens_seen = 0, 0, epoch_rows(0), 0, 0
+    step, ep, pos, tokens_seen, curve = 0, 0, 0, 0, []
+    if args.resume:                                   # continue a run that stopped early (--stop-at, --until-budget)
+        step, ep, pos, tokens_seen, curve, total_steps = load_checkpoint(args.resume, drafts, args.seed, len(samples),
+                                                                         total_steps, device)
+        est_steps = total_steps
+        info["train_resumed_at_step"] = step
+        log(f"resumed {args.resume} at step {step} of {total_steps}")
+    rows = epoch_rows(ep)
+    step0, tokens0 = step, tokens_seen
     train_end = deadline - args.reserve_seconds
     tt = time.time()
     torch.manual_seed(args.seed + 3)
     from tqdm import tqdm
-    bar = tqdm(total=total_steps, mininterval=args.bar_interval, desc="distill", dynamic_ncols=False,
+    bar = tqdm(total=total_steps, initial=step, mininterval=args.bar_interval, desc="distill", dynamic_ncols=False,
                file=sys.stdout, ascii=True)
-    curve = []
     while True:
         if total_steps is not None and step >= total_steps:
+            break
+        if args.stop_at and step >= args.stop_at:
+            log(f"stopping at step {step} (--stop-at)")
             break
         if step == 5:
             t_probe = time.time()
@@ -525,16 +570,22 @@ def train(args) -> None:
         step += 1
         bar.update(1)
         bar.set_postfix(ep=ep, refresh=False, **post)
-        if args.steps <= 0 and time.time() > train_end + (0 if total_steps is None else args.overrun_seconds):
+        if (args.steps <= 0 or args.until_budget) and \
+                time.time() > train_end + (0 if total_steps is None else args.overrun_seconds):
             log(f"time budget reached at step {step}")
             break
     bar.close()
+    if args.checkpoint:
+        save_checkpoint(args.checkpoint, drafts, args.seed, len(samples), step, total_steps, ep, pos, tokens_seen, curve)
+        log(f"checkpoint at step {step} of {total_steps}: {args.checkpoint} (continue with --resume)")
     train_s = time.time() - tt
     info["times"]["train_s"] = train_s
     info["train"] = {"steps": step, "epochs_of_samples": ep + pos / max(1, len(rows)), "tokens": tokens_seen,
-                     "batch_rows": args.batch_rows, "tokens_per_s": tokens_seen / train_s, "curve": curve,
+                     "batch_rows": args.batch_rows, "steps_this_run": step - step0,
+                     "tokens_per_s": (tokens_seen - tokens0) / train_s, "curve": curve,
                      "final_kl_ema": {k: d["loss_ema"] for k, d in drafts.items()}}
-    log(f"trained {step} steps, {tokens_seen / 1e6:.2f}M tokens per draft in {train_s:.1f}s")
+    log(f"trained {step - step0} steps ({step} in all), {(tokens_seen - tokens0) / 1e6:.2f}M tokens per draft "
+        f"in {train_s:.1f}s")
 
     # ---------------- save (bf16), then evaluate exactly what was saved
     for sname, d in drafts.items():
@@ -659,6 +710,11 @@ def main(argv=None) -> None:
     t.add_argument("--batch-rows", type=int, default=64)
     t.add_argument("--max-len", type=int, default=320)
     t.add_argument("--steps", type=int, default=0, help="training steps (0: as many as fit the budget)")
+    t.add_argument("--until-budget", action="store_true",
+                   help="with --steps: still stop at the time budget (then save a --checkpoint and --resume later)")
+    t.add_argument("--stop-at", type=int, default=0, help="stop at this step (the schedule stays that of --steps)")
+    t.add_argument("--checkpoint", default=None, help="save the training state here when training stops")
+    t.add_argument("--resume", default=None, help="continue from a --checkpoint (same shapes, samples and seed)")
     t.add_argument("--budget-seconds", type=float, default=480.0, help="wall-clock budget of the whole run")
     t.add_argument("--reserve-seconds", type=float, default=75.0, help="kept for saving and evaluation")
     t.add_argument("--probe-steps", type=int, default=40)

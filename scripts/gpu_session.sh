@@ -19,7 +19,9 @@
 #   gen       (2 GPUs) sample the target for the distillation (GPU 0, saved under ~/stage/gen); random8b
 #             AR/SD/transformers, then the expanded pair's AR/SD (GPU 1)
 #   distill   (2 GPUs, after gen) train the draft shapes on those samples (GPU 0, ~9 min); the SmolLM2 pair
-#             (GPU 1); the best draft (distill_draft.py pick) comes back in $OUT/draft
+#             (GPU 1); the best draft (distill_draft.py pick) comes back in $OUT/draft. Longer training over
+#             several calls: SHAPES=one_shape DISTILL_ARGS="--steps N --until-budget --checkpoint ~/stage/ckpt.pt",
+#             then the same with "--resume ~/stage/ckpt.pt" added on each following call
 #   ssdbench  (2 GPUs, after distill) the new draft into models/smollm2-draft on the device; SSD with it
 #   baselines (4 GPUs) the distillation in one run (GPU 3); transformers on the expanded pair (GPU 0);
 #             random8b and the SmolLM2 pair's transformers/AR (GPUs 1,2)
@@ -114,7 +116,7 @@ distill) # after gen, on the same warm machine
   on 0 distill timeout 560 python3 scripts/distill_draft.py train --samples ~/stage/gen/samples.pt \
       --gguf ~/stage/smollm2.gguf --pd-text ~/stage/pd_text.jsonl.gz --out "$R/distill" --seed 0 \
       --shapes ${SHAPES:-d384_l4_h6_kv2_i1280,d256_l14_h4_kv2_i1024,d320_l8_h5_kv1_i1024} \
-      --budget-seconds 540 --reserve-seconds 95
+      --budget-seconds 540 --reserve-seconds 95 ${DISTILL_ARGS:-}
   on 1 smollm2 timeout 500 $B --out ~/bench/smollm2 --pairs smollm2 --systems ar,sd,hf,hf_static,hf_assisted \
       --batch-sizes 1,4 --temperatures 0 --ks 2,4 --ks-batched 4 --budget-s 420
   wait

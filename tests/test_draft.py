@@ -199,3 +199,31 @@ def test_distill_pick_takes_the_best_draft_within_the_flops_limit(tmp_path):
     assert distill_draft.pick(str(run), str(tmp_path / "dest")) == "b"
     assert json.loads((tmp_path / "dest" / "config.json").read_text()) == {"name": "b"}
     assert json.loads((tmp_path / "dest" / "distill_eval.json").read_text()) == info
+
+
+def test_distill_runs_split_and_resume_exactly(tmp_path):
+    """The device-call split of scripts/distill_draft.py, on a random stand-in target: --gen-only saves the
+    target samples, --samples trains on them, and a run stopped at step 3 (--stop-at, --checkpoint) then
+    resumed (--resume) ends with the same weights as one run of all 6 steps."""
+    pytest.importorskip("gguf")
+    distill_draft.find_target_gguf()                     # the tokenizer comes from the embedded target's GGUF
+    from safetensors.torch import load_file
+    common = ["train", "--random-target", "--device", "cpu", "--seed", "0"]
+    distill_draft.main(common + ["--gen-only", "--out", str(tmp_path / "gen"), "--n-samples", "6",
+                                 "--gen-batch", "3", "--gen-tokens", "6"])
+    run = common + ["--samples", str(tmp_path / "gen" / "samples.pt"), "--shapes", "d64_l1_h1_kv1_i128",
+                    "--steps", "6", "--batch-rows", "2", "--max-len", "32", "--eval-prompts", "2",
+                    "--eval-tokens", "4", "--warmup-steps", "1"]
+    ckpt = str(tmp_path / "ckpt.pt")
+    distill_draft.main(run + ["--out", str(tmp_path / "whole")])
+    distill_draft.main(run + ["--out", str(tmp_path / "first"), "--stop-at", "3", "--checkpoint", ckpt])
+    distill_draft.main(run + ["--out", str(tmp_path / "rest"), "--resume", ckpt])
+
+    def weights(name):
+        return load_file(str(tmp_path / name / "d64_l1_h1_kv1_i128" / "model.safetensors"))
+    whole, first, rest = weights("whole"), weights("first"), weights("rest")
+    assert all(torch.equal(whole[k], rest[k]) for k in whole)
+    assert not all(torch.equal(whole[k], first[k]) for k in whole)
+    assert json.loads((tmp_path / "rest" / "eval.json").read_text())["train_resumed_at_step"] == 3
+    with pytest.raises(SystemExit, match="schedule of 6 steps"):
+        distill_draft.main([a if a != "6" else "8" for a in run] + ["--out", str(tmp_path / "x"), "--resume", ckpt])
