@@ -480,11 +480,11 @@ def train(args) -> None:
         log(f"draft {sname}: {nparams / 1e6:.2f}M stored params, {macs / 1e6:.2f}M MACs/token "
             f"= {macs / TARGET_MACS:.4f} of the target's {TARGET_MACS / 1e6:.2f}M")
 
-    def draft_logits(d, ids, mask):
+    def draft_logits(d, ids, sel):
         emb = E32 @ d["proj"].T                                     # [V, d]
         x = F.embedding(ids, emb)
         h = d["body"](inputs_embeds=x).last_hidden_state
-        return h[mask] @ emb.T
+        return h.reshape(-1, h.shape[-1])[sel] @ emb.T
 
     # ---------------- training loop
     pool = list(range(len(samples)))
@@ -533,11 +533,14 @@ def train(args) -> None:
             rows, pos = epoch_rows(ep), 0
         ids, mask = rows_to_batch(rows[pos:pos + args.batch_rows], args.max_len)
         pos += args.batch_rows
-        ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        # the real (non-padding) positions as flat indices, found on the host: a boolean mask on the device
+        # would make every step wait for the GPU (nonzero), so the host could not queue the next one early
         ntok = int(mask.sum())
+        sel = mask.view(-1).nonzero().squeeze(1).to(device, non_blocking=True)
+        ids = ids.to(device, non_blocking=True)
         tokens_seen += ntok
         with torch.no_grad():
-            tl = target(ids).logits[mask].float()
+            tl = target(ids).logits.reshape(-1, TARGET_VOCAB)[sel].float()
             tp = torch.softmax(tl, -1)
             ent = -(tp * torch.log_softmax(tl, -1)).sum() / ntok
             del tl
@@ -553,7 +556,7 @@ def train(args) -> None:
             for g in d["opt"].param_groups:
                 g["lr"] = g["base_lr"] * f
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                zq = draft_logits(d, ids, mask)
+                zq = draft_logits(d, ids, sel)
             ce = F.cross_entropy(zq.float(), tp, reduction="sum") / ntok
             d["opt"].zero_grad(set_to_none=True)
             ce.backward()
