@@ -122,6 +122,9 @@ distill) # after gen, on the same warm machine
   wait
   mkdir -p "$OUT/draft" && python3 scripts/distill_draft.py pick "$R/distill" "$OUT/draft" | tee "$R/pick.log"
   cp "$R/distill.log" "$OUT/draft/distill_train.log"
+  # files come back at most 16 MiB each: the weights in parts (here: cat model.safetensors.part.* > model.safetensors)
+  (cd "$OUT/draft" && sha256sum model.safetensors > model.safetensors.sha256 \
+      && split -b 15000000 model.safetensors model.safetensors.part. && rm model.safetensors)
   ;;
 skinny)  # 2 GPUs: GPU tests, then the 8B step profile (skinny linear vs cuBLAS)
   on 1 gpu_tests_kernels timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py
