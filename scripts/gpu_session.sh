@@ -23,6 +23,10 @@
 #             several calls: SHAPES=one_shape DISTILL_ARGS="--steps N --until-budget --checkpoint ~/stage/ckpt.pt",
 #             then the same with "--resume ~/stage/ckpt.pt" added on each following call
 #   ssdbench  (2 GPUs, after distill) the new draft into models/smollm2-draft on the device; SSD with it
+#   gen2      (2 GPUs) sample the target on both GPUs (--gen-shard), a share of the prompts self-written; the GPU
+#             tests alongside
+#   train2    (2 GPUs, after gen2) two candidates continue the shipped draft, one per GPU, over one or more
+#             calls (STEPS, A_ARGS, B_ARGS, RESUME=1 on later calls); the better one comes back in $OUT/draft
 #   baselines (4 GPUs) the distillation in one run (GPU 3); transformers on the expanded pair (GPU 0);
 #             random8b and the SmolLM2 pair's transformers/AR (GPUs 1,2)
 #   bench     (4 GPUs) our AR/SD/SSD (SSD's draft on its own GPU) and transformers' assisted generation:
@@ -35,7 +39,7 @@
 # `python scripts/bench.py --report-only --out DIR --merge ...`.
 set -o pipefail
 export PYTHONUNBUFFERED=1
-phase=${1:?check, skinny, tests, tp, gen, distill, ssdbench, baselines, bench or tpbench}
+phase=${1:?check, skinny, tests, tp, gen, distill, ssdbench, gen2, train2, baselines, bench or tpbench}
 OUT=${OUT:-out}
 R=$HOME/bench/$phase
 mkdir -p "$R" ~/stage
@@ -131,6 +135,35 @@ skinny)  # 2 GPUs: GPU tests, then the 8B step profile (skinny linear vs cuBLAS)
   on 0,1 gpu_tests_fast timeout 170 python3 -m pytest -q -m gpu tests/test_fast.py
   wait
   on 0 profile_step timeout 170 python3 scripts/profile_step.py --out "$R"
+  ;;
+gen2)     # (2 GPUs) sample the target on both GPUs for longer training (~/stage/gen0, ~/stage/gen1); a share of
+          # the chat prompts is written by the target itself (--self-prompt-frac)
+  stage_gguf || exit 1
+  for k in 0 1; do
+    on $k distill_gen$k timeout 480 python3 scripts/distill_draft.py train --gen-only --gguf ~/stage/smollm2.gguf \
+        --out ~/stage/gen$k --seed 0 --n-samples 196608 --greedy-frac 0.07 --gen-batch 4096 \
+        --gen-seconds ${GEN_SECONDS:-330} --gen-shard $k/2 --self-prompt-frac ${SELF_FRAC:-0.35}
+  done
+  # the GPU tests share the two GPUs with the sampling (correctness only; nothing here is timed)
+  on 0,1 gpu_tests timeout 420 python3 -m pytest -q -m gpu tests/test_fast.py tests/test_tp.py tests/test_kernels.py
+  ;;
+train2)   # (2 GPUs, after gen2) two candidates continue the shipped draft side by side, A on GPU 0, B on GPU 1,
+          # each with its own loss arguments (A_ARGS, B_ARGS) and a fixed schedule of STEPS steps that spans calls:
+          # the first call saves ~/stage/ckpt{A,B}.pt, a later one passes RESUME=1. The better one comes back.
+  for c in A B; do
+    g=0; [ $c = B ] && g=1; args=A_ARGS; [ $c = B ] && args=B_ARGS
+    resume=""; [ -n "${RESUME:-}" ] && resume="--resume $HOME/stage/ckpt$c.pt"
+    on $g distill_$c timeout ${TRAIN_TIMEOUT:-560} python3 scripts/distill_draft.py train \
+        --samples ~/stage/gen0/samples.pt ~/stage/gen1/samples.pt --gguf ~/stage/smollm2.gguf \
+        --pd-text ~/stage/pd_text.jsonl.gz --out "$R/$c" --seed 0 --shapes d320_l8_h5_kv1_i1024 \
+        --init models/smollm2-draft --steps ${STEPS:?} --until-budget --checkpoint ~/stage/ckpt$c.pt $resume \
+        --budget-seconds ${BUDGET:-540} --reserve-seconds 80 ${!args}
+  done
+  wait
+  mkdir -p "$OUT/draft" && python3 scripts/distill_draft.py pick "$R/A" "$R/B" "$OUT/draft" | tee "$R/pick.log"
+  # (the logs and both runs' eval.json come back in $OUT/train2.tgz: at most 8 files come back)
+  (cd "$OUT/draft" && sha256sum model.safetensors > model.safetensors.sha256 \
+      && split -b 15000000 model.safetensors model.safetensors.part. && rm model.safetensors)
   ;;
 ssdbench) # after distill, on the same warm machine
   python3 scripts/distill_draft.py pick ~/bench/distill/distill models/smollm2-draft

@@ -227,3 +227,91 @@ def test_distill_runs_split_and_resume_exactly(tmp_path):
     assert json.loads((tmp_path / "rest" / "eval.json").read_text())["train_resumed_at_step"] == 3
     with pytest.raises(SystemExit, match="schedule of 6 steps"):
         distill_draft.main([a if a != "6" else "8" for a in run] + ["--out", str(tmp_path / "x"), "--resume", ckpt])
+
+
+def test_pick_compares_drafts_across_runs(tmp_path):
+    """Two runs trained side by side (one per GPU): pick takes the better draft of either and that run's eval."""
+    runs = []
+    for run, acc in (("gpu0", 0.52), ("gpu1", 0.54)):
+        (tmp_path / run / "s").mkdir(parents=True)
+        (tmp_path / run / "s" / "config.json").write_text(json.dumps({"run": run}))
+        (tmp_path / run / "s" / "model.safetensors").write_bytes(run.encode())
+        (tmp_path / run / "eval.json").write_text(json.dumps({
+            "drafts": {"s": {"flops_ratio": 0.19}},
+            "eval": {"s": {"all": {"expected_acceptance_T1": acc, "greedy_match": 0.6}}}, "run": run}))
+        runs.append(str(tmp_path / run))
+    distill_draft.main(["pick", *runs, str(tmp_path / "dest")])
+    assert json.loads((tmp_path / "dest" / "config.json").read_text()) == {"run": "gpu1"}
+    assert json.loads((tmp_path / "dest" / "distill_eval.json").read_text())["run"] == "gpu1"
+
+
+def test_tv_distance_is_one_minus_the_acceptance():
+    """The TV term of the distillation loss is 1 - sum_x min(p, q): the acceptance rate SD gets."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(5, 11, generator=g) * 2, -1)
+    zq = torch.randn(5, 11, generator=g)
+    q = torch.softmax(zq, -1)
+    torch.testing.assert_close(distill_draft.tv_distance(p, zq), 1 - torch.minimum(p, q).sum(-1))
+
+
+def test_self_written_prompts_keep_finished_turns_that_are_not_held_out(monkeypatch):
+    """The target writes user turns; unfinished ones (no EOS) and held-out prompts are dropped, and a kept turn
+    is wrapped in the chat template like a template prompt."""
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+    gguf = distill_draft.find_target_gguf()
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    turns = [ids("Name three birds.") + [distill_draft.EOS_ID],
+             ids("What is the capital of") ,                      # ran out of tokens: dropped
+             ids("A held-out prompt.") + [distill_draft.EOS_ID]]  # a held-out prompt: dropped
+    seen = {}
+
+    def fake_generate(model, prompts, max_new, greedy, device):
+        seen["prompts"], seen["greedy"] = prompts, greedy
+        return turns
+    monkeypatch.setattr(distill_draft, "generate_batch", fake_generate)
+    prompts, n_user = distill_draft.self_written_prompts(None, tok, 3, {"A held-out prompt."}, "cpu")
+    assert seen["greedy"] is False and len(seen["prompts"]) == 3
+    assert prompts == [distill_draft.encode_prompt(tok, {"chat": True, "text": "Name three birds."})]
+    assert n_user == len(turns[0])
+    opening = tok.decode(seen["prompts"][0])
+    assert opening.endswith("<|im_start|>user\n") and tok.decode(prompts[0]).startswith(opening)
+
+
+def test_distill_init_shards_and_tvd(tmp_path):
+    """--init starts from a saved draft (with lr 0 the weights come back unchanged); --gen-shard K/N splits the
+    generation batches between processes; --self-prompt-frac and --tvd-weight run end to end."""
+    pytest.importorskip("gguf")
+    distill_draft.find_target_gguf()
+    from safetensors.torch import load_file
+    common = ["train", "--random-target", "--device", "cpu", "--seed", "0"]
+    for k in (0, 1):
+        distill_draft.main(common + ["--gen-only", "--out", str(tmp_path / f"gen{k}"), "--n-samples", "8",
+                                     "--gen-batch", "2", "--gen-tokens", "4", "--gen-shard", f"{k}/2",
+                                     "--self-prompt-frac", "0.25", "--self-prompt-tokens", "4"])
+    blobs = [torch.load(tmp_path / f"gen{k}" / "samples.pt") for k in (0, 1)]
+    assert sum(sum(b["gen_stats"][m] for m in ("greedy", "sample")) for b in blobs) == 6   # 2 'self' rows asked
+    shape = "d64_l1_h1_kv1_i128"
+    run = common + ["--samples", *(str(tmp_path / f"gen{k}" / "samples.pt") for k in (0, 1)), "--shapes", shape,
+                    "--steps", "2", "--batch-rows", "2", "--max-len", "32", "--eval-prompts", "2",
+                    "--eval-tokens", "4", "--warmup-steps", "1"]
+    distill_draft.main(run + ["--out", str(tmp_path / "a"), "--tvd-weight", "1.0"])
+    distill_draft.main(run + ["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a" / shape), "--lr", "0",
+                              "--proj-lr", "0", "--calibrate-rows", "0"])
+    a, b = (load_file(str(tmp_path / r / shape / "model.safetensors")) for r in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="has shape"):
+        distill_draft.main(run[:run.index("--shapes") + 1] + ["d64_l2_h1_kv1_i128"] + run[run.index(shape) + 1:]
+                           + ["--out", str(tmp_path / "c"), "--init", str(tmp_path / "a" / shape)])
+
+
+def test_draft_temperature_is_the_one_that_accepts_most():
+    """acceptance_by_temperature finds the tau with q = softmax(z / tau) = p (acceptance 1 per row there)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 50, generator=g) * 3
+    p = torch.softmax(z / 0.8, -1)
+    acc = distill_draft.acceptance_by_temperature(p, z)
+    grid = distill_draft.TEMPERATURE_GRID
+    assert grid[int(acc.argmax())] == 0.8 and abs(acc.max().item() - 7) < 1e-4
+    assert acc[grid.index(1.0)] < 7 - 0.05
