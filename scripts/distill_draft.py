@@ -15,7 +15,13 @@ Two steps (the second needs a GPU to finish in minutes; it runs on a CPU too, sl
      GEN/samples.pt; `train --samples GEN/samples.pt ...` trains on them)
      Training longer than one device call: give the run a fixed --steps N with --until-budget and
      --checkpoint CKPT; each later call passes the same arguments plus --resume CKPT (exact continuation).
-  3. python scripts/distill_draft.py pick OUTDIR models/smollm2-draft   (the best of the shapes trained)
+  3. python scripts/distill_draft.py pick OUTDIR [OUTDIR2 ...] models/smollm2-draft   (the best draft of the runs)
+
+Continuing a shipped draft (the shipped one is such a second stage; its MODEL_CARD.md has the exact commands):
+sample on several GPUs at once with `--gen-only --gen-shard K/N` (one process per GPU), optionally with a share of
+chat prompts written by the target itself (`--self-prompt-frac`), then `train --init DRAFT_DIR` with a single
+shape, optionally adding the TV distance to the loss (`--tvd-weight`). After training, every run fits a draft
+temperature on T=1 training samples and folds it into the final norm (`--calibrate-rows 0` keeps 1.0).
 
 `train` does everything on the device: loads the target from its GGUF file, samples it on the prompts of
 scripts/distill_prompts.py (T=1 and greedy), trains one or more draft shapes at once on

@@ -315,3 +315,20 @@ def test_draft_temperature_is_the_one_that_accepts_most():
     grid = distill_draft.TEMPERATURE_GRID
     assert grid[int(acc.argmax())] == 0.8 and abs(acc.max().item() - 7) < 1e-4
     assert acc[grid.index(1.0)] < 7 - 0.05
+
+
+def test_shipped_evaluation_record_matches_the_weights_and_the_card():
+    """distill_eval.json is the held-out evaluation of exactly these weights (same parameter count and shape), it
+    meets the issue's goals, and the model card and README state its numbers."""
+    info = json.loads((DRAFT / "distill_eval.json").read_text())
+    (name, d), = info["drafts"].items()
+    cfg = _config()
+    assert d["stored_params"] == sum(v.numel() for v in _state().values())
+    assert (d["shape"]["hidden"], d["shape"]["layers"]) == (cfg["hidden_size"], cfg["num_hidden_layers"])
+    a = info["eval"][name]["all"]
+    assert a["greedy_positions"] > 40000 and a["sample_positions"] > 40000
+    assert a["greedy_match"] >= 0.6 and a["expected_acceptance_T1"] >= 0.6 and d["flops_ratio"] <= 0.2
+    for doc in (DRAFT / "MODEL_CARD.md", ROOT / "README.md"):
+        text = doc.read_text()
+        assert f"{a['greedy_match']:.4f}" in text and f"{a['expected_acceptance_T1']:.4f}" in text, doc
+    assert f"τ = {d['draft_temperature']}" in (DRAFT / "MODEL_CARD.md").read_text()
