@@ -23,7 +23,7 @@ def main() -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     import embedded
-    from distill_draft import encode_prompt, generate_batch, materialize, rows_to_batch
+    from distill_draft import encode_prompt, evaluate, generate_batch, materialize
     from distill_prompts import build_prompts
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--draft", default=os.path.join(ROOT, "models", "smollm2-draft"))
@@ -45,23 +45,15 @@ def main() -> None:
     models = {f"shipped (tau={tau})": shipped, "same weights, tau=1": undone}
     models.update({d: materialize(d, E) for d in args.compare})
     _, held = build_prompts(seed=0)
-    enc = [encode_prompt(tok, p) for p in random.Random(args.seed).sample(held, args.prompts)]
-    rows = []
+    held = random.Random(args.seed).sample(held, args.prompts)
+    enc = [encode_prompt(tok, p) for p in held]
+    conts = []
     for s in range(0, len(enc), 32):
-        rows += [p + c for p, c in zip(enc[s:s + 32], generate_batch(target, enc[s:s + 32], args.tokens, False, "cpu"))]
-    acc = {n: [0.0, 0] for n in models}
-    with torch.no_grad():
-        for s in range(0, len(rows), 8):
-            ids, _ = rows_to_batch(rows[s:s + 8], 10 ** 9)
-            p = torch.softmax(target(ids).logits, -1)
-            for n, m in models.items():
-                mn = torch.minimum(p, torch.softmax(m(ids).logits, -1)).sum(-1)
-                for b, row in enumerate(rows[s:s + 8]):
-                    sl = slice(len(enc[s + b]) - 1, len(row) - 1)    # positions predicting continuation tokens
-                    acc[n][0] += mn[b, sl].sum().item()
-                    acc[n][1] += sl.stop - sl.start
-    for n, (a, k) in acc.items():
-        print(f"{n:24s} E[sum min(p,q)] {a / k:.4f} over {k} positions")
+        conts += generate_batch(target, enc[s:s + 32], args.tokens, False, "cpu")
+    ev = {"greedy": [], "sample": [(p["category"], e, c) for p, e, c in zip(held, enc, conts) if c]}
+    for n, m in evaluate(models, target, ev, "cpu").items():
+        a = m["all"]
+        print(f"{n:24s} E[sum min(p,q)] {a['expected_acceptance_T1']:.4f} over {a['sample_positions']} positions")
 
 
 if __name__ == "__main__":
