@@ -352,6 +352,28 @@ def acceptance_by_temperature(p, zq, grid=TEMPERATURE_GRID):
     return torch.stack([torch.minimum(p, torch.softmax(zq / t, -1)).sum() for t in grid])
 
 
+def acceptance_by_temperature_on_rows(draft_logits_fn, target, rows, prompt_lens, max_len: int, device):
+    """Mean sum_x min(p, softmax(z_q / tau)) for every tau of TEMPERATURE_GRID over the positions of `rows` that
+    predict a continuation token (prompt length - 1 .. len(row) - 2). Returns (means, positions)."""
+    import torch
+    tot, npos = torch.zeros(len(TEMPERATURE_GRID), dtype=torch.float64, device=device), 0
+    for s in range(0, len(rows), 16):
+        chunk = [r[:max_len] for r in rows[s:s + 16]]
+        ids, _ = rows_to_batch(chunk, max_len)
+        L = ids.shape[1]
+        sel = torch.tensor([b * L + j for b, (r, n) in enumerate(zip(chunk, prompt_lens[s:s + 16]))
+                            for j in range(n - 1, len(r) - 1)], dtype=torch.long, device=device)
+        if not len(sel):
+            continue
+        ids = ids.to(device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            p = torch.softmax(target(ids).logits.reshape(-1, TARGET_VOCAB)[sel].float(), -1)
+            zq = draft_logits_fn(ids, sel).float()
+        tot += acceptance_by_temperature(p, zq).double()
+        npos += len(sel)
+    return (tot / max(1, npos)).tolist(), npos
+
+
 def init_from_draft(draft_dir: str, cfgd: dict, body, proj) -> None:
     """Load a saved draft's layers and embedding projection into a freshly built draft of the same shape."""
     import torch
@@ -688,24 +710,9 @@ def train(args) -> None:
     info["draft_temperature"] = {}
     for sname, d in drafts.items():
         d["body"].eval()
-        tot, npos = torch.zeros(len(TEMPERATURE_GRID), dtype=torch.float64, device=device), 0
-        for s in range(0, len(calib), 16):
-            rows = [samples[i][:args.max_len] for i in calib[s:s + 16]]
-            ids, mask = rows_to_batch(rows, args.max_len)
-            L = ids.shape[1]
-            # positions that predict a continuation token: prompt_len - 1 .. len(row) - 2
-            sel = torch.tensor([b * L + j for b, i in enumerate(calib[s:s + 16])
-                                for j in range(prompt_len[i] - 1, len(rows[b]) - 1)], dtype=torch.long,
-                               device=device)
-            if not len(sel):
-                continue
-            ids = ids.to(device)
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                pt = torch.softmax(target(ids).logits.reshape(-1, TARGET_VOCAB)[sel].float(), -1)
-                zq = draft_logits(d, ids, sel).float()
-            tot += acceptance_by_temperature(pt, zq).double()
-            npos += len(sel)
-        acc = (tot / max(1, npos)).tolist()
+        acc, npos = acceptance_by_temperature_on_rows(lambda ids, sel: draft_logits(d, ids, sel), target,
+                                                      [samples[i] for i in calib], [prompt_len[i] for i in calib],
+                                                      args.max_len, device)
         best = max(range(len(acc)), key=acc.__getitem__) if npos else TEMPERATURE_GRID.index(1.0)
         d["tau"] = TEMPERATURE_GRID[best] if args.calibrate_rows else 1.0
         info["draft_temperature"][sname] = {"tau": d["tau"], "positions": npos,
