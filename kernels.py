@@ -614,16 +614,19 @@ def rope(x, positions, cos, sin, *, out=None):
 def rope_kv_write_ref(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv_heads):
     """Reference. qkv [B, T, H + 2 Hkv, D]: the fused projection's output viewed by heads (q heads, then k,
     then v). Returns q rotated [B, T, H, D]; writes k rotated and v as is into k_cache, v_cache
-    [B, S, Hkv, D] at slot = position (the decode and verify steps' cache write)."""
+    [B, S, Hkv, D] at slot = position (the decode and verify steps' cache write). A position outside
+    0 .. S-1 writes nothing (the bounds mask: a bad slot must never land in another row's cache)."""
     H, Hkv = n_heads, n_kv_heads
-    rows = torch.arange(qkv.shape[0], device=qkv.device)[:, None]
-    k_cache[rows, positions.long()] = rope_ref(qkv[:, :, H:H + Hkv], positions, cos, sin).to(k_cache.dtype)
-    v_cache[rows, positions.long()] = qkv[:, :, H + Hkv:].to(v_cache.dtype)
+    rows = torch.arange(qkv.shape[0], device=qkv.device)[:, None].expand_as(positions)
+    ok = (positions >= 0) & (positions < k_cache.shape[1])
+    slots = positions.long()
+    k_cache[rows[ok], slots[ok]] = rope_ref(qkv[:, :, H:H + Hkv], positions, cos, sin)[ok].to(k_cache.dtype)
+    v_cache[rows[ok], slots[ok]] = qkv[:, :, H + Hkv:][ok].to(v_cache.dtype)
     return rope_ref(qkv[:, :, :H], positions, cos, sin)
 
 
 @triton.jit
-def _rope_kv_write_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, T, H, HKV, HALF,
+def _rope_kv_write_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, T, H, HKV, HALF, S,
                           stride_xb, stride_xt, stride_xh, stride_xd, stride_pb, stride_pt,
                           stride_cp, stride_cd, stride_sp, stride_sd,
                           stride_qb, stride_qt, stride_qh, stride_qd,
@@ -631,7 +634,8 @@ def _rope_kv_write_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_pt
                           stride_vb, stride_vs, stride_vh, stride_vd,
                           BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """Program (token, block of the H + 2 Hkv heads): rotates q and k heads with the token's cos/sin row,
-    stores q to its output, k and v straight into their cache slot (no separate index_put launches)."""
+    stores q to its output, k and v straight into their cache slot (no separate index_put launches). A slot
+    outside 0 .. S-1 is not written (bounds mask)."""
     pid = tl.program_id(0)
     b = pid // T
     t = pid % T
@@ -649,11 +653,13 @@ def _rope_kv_write_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_pt
     qb = q_ptr + b.to(tl.int64) * stride_qb + t * stride_qt + heads[:, None] * stride_qh
     tl.store(qb + cols[None, :] * stride_qd, r1.to(q_ptr.dtype.element_ty), mask=is_q)
     tl.store(qb + (cols[None, :] + HALF) * stride_qd, r2.to(q_ptr.dtype.element_ty), mask=is_q)
-    is_k = valid & ((heads >= H) & (heads < H + HKV))[:, None]
+    slot = pos + heads * 0                       # the slot per head row (a tensor, so the mask broadcasts)
+    in_cache = ((slot >= 0) & (slot < S))[:, None]
+    is_k = valid & ((heads >= H) & (heads < H + HKV))[:, None] & in_cache
     kb = kc_ptr + b.to(tl.int64) * stride_kb + pos * stride_ks + (heads - H)[:, None] * stride_kh
     tl.store(kb + cols[None, :] * stride_kd, r1.to(kc_ptr.dtype.element_ty), mask=is_k)
     tl.store(kb + (cols[None, :] + HALF) * stride_kd, r2.to(kc_ptr.dtype.element_ty), mask=is_k)
-    is_v = valid & (heads >= H + HKV)[:, None]
+    is_v = valid & (heads >= H + HKV)[:, None] & in_cache
     vb = vc_ptr + b.to(tl.int64) * stride_vb + pos * stride_vs + (heads - H - HKV)[:, None] * stride_vh
     tl.store(vb + cols[None, :] * stride_vd, x1.to(vc_ptr.dtype.element_ty), mask=is_v)
     tl.store(vb + (cols[None, :] + HALF) * stride_vd, x2.to(vc_ptr.dtype.element_ty), mask=is_v)
@@ -678,7 +684,7 @@ def rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv_head
     BLOCK_HALF = triton.next_power_of_2(half)
     BLOCK_H = max(1, min(triton.next_power_of_2(NH), 2048 // BLOCK_HALF))
     _rope_kv_write_kernel[(B * T, triton.cdiv(NH, BLOCK_H))](
-        qkv, positions, cos, sin, q, k_cache, v_cache, T, H, Hkv, half,
+        qkv, positions, cos, sin, q, k_cache, v_cache, T, H, Hkv, half, k_cache.shape[1],
         *qkv.stride(), *positions.stride(), *cos.stride(), *sin.stride(), *q.stride(),
         *k_cache.stride(), *v_cache.stride(), BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF)
     return q

@@ -20,6 +20,7 @@ on its own GPU) overlaps: in SSD the draft's glue pass and tree decode run *duri
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -394,9 +395,55 @@ def saguaro_rescale(q: torch.Tensor, fan_out: int, c: float) -> torch.Tensor:
     return q / q.sum(-1, keepdim=True)
 
 
+def exponential_noise(shape, gen: torch.Generator, device="cpu") -> torch.Tensor:
+    """E ~ Exp(1) as -log(1 - U), U uniform from `gen` (the fast engine draws its noise the same way)."""
+    return torch.rand(shape, generator=gen, device=device).neg_().log1p_().neg_()
+
+
 def sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=gen).reshape(probs.shape[:-1])
+    """One token per row by the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. is
+    distributed as p (min_i E_i / p_i is the first arrival of independent clocks of rates p_i).
+    The fast engine's sampling kernel computes the same argmax."""
+    flat = probs.reshape(-1, probs.shape[-1]).float()
+    noise = exponential_noise(flat.shape, gen, flat.device)
+    scores = torch.where(flat > 0, flat / noise, torch.full_like(flat, -1.0))
+    return scores.argmax(-1).reshape(probs.shape[:-1])
+
+
+def draft_sample(logits: torch.Tensor, temperature: torch.Tensor, opts, fan_out: int, c: float,
+                 gen: torch.Generator):
+    """The draft's proposal at one position: q' (its probabilities, Saguaro-rescaled when C < 1) and a
+    token drawn from q'. Exactness needs the verifier to use this very q' (same temperature, same
+    rescaling): return both together so they cannot drift apart."""
+    q = saguaro_rescale(to_probs(logits, temperature, opts.top_k, opts.top_p), fan_out, c)
+    return sample(q, gen), q
+
+
+def deterministic_q(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The q that `verify` needs for proposals that were not sampled (the cheap backup): one-hot.
+    Then a token x is accepted with probability p(x), and a rejection samples p without x."""
+    return F.one_hot(tokens, vocab_size).float()
+
+
+# Random streams. Every sampling site draws from its own generator, seeded from the user's seed by
+# a derivation: the verifier's uniforms and recovery noise ("target") must be independent of the
+# draws that made the proposals ("draft": SD and the speculation tree; "backup": SSD's jit backup).
+# Two generators seeded alike advance in lockstep, so the draft's noise and the verifier's uniforms
+# would be the same numbers (what `torch.manual_seed` does to every GPU), and the output biased.
+SITES = ("target", "draft", "backup")
+
+
+def derive_seed(seed: int, site: str) -> int:
+    """A 63-bit seed for one site, from the user's seed (distinct sites: unrelated seeds)."""
+    digest = hashlib.sha256(f"ssd:{seed}:{site}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def random_streams(seed: int, devices: dict | None = None) -> dict:
+    """{site: torch.Generator on that site's device (default cpu), seeded by derive_seed}."""
+    devices = devices or {}
+    return {site: torch.Generator(device=devices.get(site, "cpu")).manual_seed(derive_seed(seed, site))
+            for site in SITES}
 
 
 def acceptance_prob(p_s: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
@@ -495,10 +542,7 @@ def draft_steps(draft, cache, first_tokens, k, sampling_t, opts, gen, fan_outs=N
     logits = last_logits(extend(draft, cache, first_tokens), first_tokens)
     tokens, qs = [], []
     for i in range(k):
-        q = to_probs(logits, sampling_t, opts.top_k, opts.top_p)
-        if fan_outs is not None:
-            q = saguaro_rescale(q, fan_outs[i], c)
-        s = sample(q, gen)
+        s, q = draft_sample(logits, sampling_t, opts, fan_outs[i] if fan_outs is not None else 0, c, gen)
         tokens.append(s)
         qs.append(q)
         if i + 1 < k:
@@ -559,7 +603,7 @@ def ar_round(state, target, draft, opts, ctx):
     with Timer(stats, "verify"):
         new = [[t[-1]] for t in state.tokens]
         logits = extend(target, state.target_cache, new)[:, -1]
-        r_new = sample(to_probs(logits, ctx.t, opts.top_k, opts.top_p), ctx.gen)
+        r_new = sample(to_probs(logits, ctx.t, opts.top_k, opts.top_p), ctx.rng["target"])
     commit(state, torch.zeros(len(new), 0, dtype=torch.long), torch.zeros(len(new), dtype=torch.long), r_new, *ctx.limits(0))
     return stats
 
@@ -570,9 +614,9 @@ def sd_round(state, target, draft, opts, ctx):
     stats = RoundStats(accepted=[])
     with Timer(stats, "draft"):
         unseen = [t[state.draft_cache.lens[b]:] for b, t in enumerate(state.tokens)]
-        proposal, q = draft_steps(draft, state.draft_cache, unseen, ctx.k, ctx.t_draft, opts, ctx.gen)
+        proposal, q = draft_steps(draft, state.draft_cache, unseen, ctx.k, ctx.t_draft, opts, ctx.rng["draft"])
     with Timer(stats, "verify"):
-        n, r_new = target_verify(target, state, proposal, q, ctx.t, opts, ctx.gen)
+        n, r_new = target_verify(target, state, proposal, q, ctx.t, opts, ctx.rng["target"])
     stats.accepted = n.tolist()
     commit(state, proposal, n, r_new, *ctx.limits(ctx.k))
     return stats
@@ -687,16 +731,16 @@ def ssd_round(state, target, draft, opts, ctx):
                 # The glue pass has already written the draft KV up to r, so only r is unseen.
                 lens = list(state.draft_cache.lens)
                 s, qs = draft_steps(draft, state.draft_cache, [[t[-1]] for t in state.tokens], K,
-                                    ctx.t_draft, opts, ctx.gen, fan, ctx.c)
+                                    ctx.t_draft, opts, ctx.rng["backup"], fan, ctx.c)
                 state.draft_cache.lens = lens          # the glue pass below rewrites these slots
                 proposal[miss], q[miss] = s[miss], qs[miss]
             else:
                 for b in miss:
                     proposal[b] = torch.tensor(ngram_proposal(state.tokens[b], K))
-                    q[b] = F.one_hot(proposal[b], q.shape[-1]).float()   # deterministic: q = one-hot
+                    q[b] = deterministic_q(proposal[b], q.shape[-1])
     # 3. The target verifies [r, s1..sK] exactly as in SD.
     with Timer(stats, "verify"):
-        n, r_new = target_verify(target, state, proposal, q, ctx.t, opts, ctx.gen)
+        n, r_new = target_verify(target, state, proposal, q, ctx.t, opts, ctx.rng["target"])
     # 4. Meanwhile, on the draft: glue pass, fork, tree decode -> next round's speculation cache.
     build_speculation_cache(state, draft, proposal, fan, opts, ctx, stats)
     stats.accepted = n.tolist()
@@ -749,8 +793,7 @@ def tree_decode(draft, cache, trunk, branch_j, cand, fan, opts, ctx):
         logits = draft(tokens, positions, cache, slots, visible)
         # Saguaro sampling: a token at depth d is proposal d+1; if rejected, outcome n = d decides
         # the next key, so downweight the draft's top-(F_d + 1).
-        q = saguaro_rescale(to_probs(logits, ctx.t_draft, opts.top_k, opts.top_p), fan[depth], ctx.c)
-        tokens = sample(q, ctx.gen)
+        tokens, q = draft_sample(logits, ctx.t_draft, opts, fan[depth], ctx.c, ctx.rng["draft"])
         out_tokens.append(tokens)
         out_q.append(q)
     return torch.stack(out_tokens, 2), torch.stack(out_q, 2)        # [B, N, K], [B, N, K, V]
@@ -916,20 +959,23 @@ def generate(target: Transformer, prompts, draft: Transformer | None = None, mod
     req = make_request(target, prompts, draft, mode, k, temperature, draft_temperature, top_k, top_p, fan_out,
                        fan_out_budget, saguaro_c, backup, miss_exponent, max_new_tokens, seed, eos_token_id)
     batch_prompts, B, k_used, eos, context_limit = req.prompts, len(req.prompts), req.k_used, req.eos, req.context_limit
-    gen = torch.Generator().manual_seed(seed)
+    rng = random_streams(seed)        # one generator per sampling site (see SITES)
     scratch = (sum(req.fan) if req.fan else req.budget) * k if mode == "ssd" else 0
+    # A finished row still rides along with the batch (its results are discarded) and writes up to
+    # K + 1 positions past its last token: the caches have that many spare slots.
+    slots = context_limit + k_used + 1
 
     # Prefill: each model reads the whole prompt; the target samples the first token (the first r).
     t0 = time.perf_counter()
     state = State(tokens=[list(p) for p in batch_prompts], prompt_lens=[len(p) for p in batch_prompts],
-                  done=[False] * B, finish=[None] * B, target_cache=target.new_cache(B, context_limit))
+                  done=[False] * B, finish=[None] * B, target_cache=target.new_cache(B, slots))
     logits = last_logits(extend(target, state.target_cache, batch_prompts), batch_prompts)
     if draft is not None and mode != "ar":
-        state.draft_cache = draft.new_cache(B, context_limit, scratch)
+        state.draft_cache = draft.new_cache(B, slots, scratch)
         extend(draft, state.draft_cache, batch_prompts)
-    first = sample(to_probs(logits, req.t, top_k, top_p), gen)
+    first = sample(to_probs(logits, req.t, top_k, top_p), rng["target"])
     opts = Sampling(temperature=req.t.tolist(), draft_temperature=req.t_draft.tolist(), top_k=top_k, top_p=top_p)
-    ctx = Context(k=k, t=req.t, t_draft=req.t_draft, gen=gen, fan_out=req.fan, fan_out_budget=req.budget,
+    ctx = Context(k=k, t=req.t, t_draft=req.t_draft, rng=rng, fan_out=req.fan, fan_out_budget=req.budget,
                   miss_exponent=miss_exponent, c=saguaro_c, backup=backup, max_new_tokens=max_new_tokens,
                   eos_ids=eos, context_limit=context_limit, est=Estimates(k=k), cache=SpeculationCache(B),
                   last_n=[0] * B)

@@ -503,6 +503,24 @@ def test_rope_kv_write_into_one_row_of_a_batch_cache():
     torch.testing.assert_close(vc[1, T:], before_v[1, T:], rtol=0, atol=0)
 
 
+def test_rope_kv_write_bounds_mask():
+    """Slots past the cache (a frozen row's ride-along past the context) write nothing: row 0's out-of-range
+    positions must not land in row 1's slots (the caches are contiguous [B, S, ...]), in kernel and reference."""
+    g = _gen(78)
+    B, T, H, Hkv, D, S = 2, 4, 4, 2, 16, 6
+    qkv = _randn(g, B, T, H + 2 * Hkv, D)
+    pos = _i32([[4, 5, 6, 7], [0, 1, 2, 3]])          # row 0 runs off the end of its S = 6 slots
+    cos, sin = _rope_tables(S + 4, D)
+    for write in (K.rope_kv_write, K.rope_kv_write_ref):
+        kc, vc = _randn(g, B, S, Hkv, D), _randn(g, B, S, Hkv, D)
+        before_k, before_v = kc.clone(), vc.clone()
+        write(qkv, pos, cos, sin, kc, vc, H, Hkv)
+        torch.testing.assert_close(kc[1, 4:], before_k[1, 4:], rtol=0, atol=0)   # row 1's untouched slots
+        torch.testing.assert_close(vc[1, 4:], before_v[1, 4:], rtol=0, atol=0)
+        torch.testing.assert_close(vc[0, 4:6], qkv[0, :2, H + Hkv:], rtol=0, atol=0)   # the in-range slots are written
+        torch.testing.assert_close(kc[0, :4], before_k[0, :4], rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ skinny linear (decode / verify projections)
 
 @pytest.mark.parametrize("M,N,Kd,bias", [(1, 37, 70, False), (1, 100, 300, True), (1, 64, 128, False),
