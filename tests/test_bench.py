@@ -1,5 +1,6 @@
 """The benchmark suite's CPU-testable parts: the width expansion (scripts/expand.py), the speed model
-(scripts/speed_model.py), the prompt files (data/prompts/) and scripts/bench.py end to end in --smoke mode."""
+(scripts/speed_model.py), the prompt files (data/prompts/) and scripts/bench.py end to end in --smoke mode:
+the grid, its process isolation and failure rows, the draft-cost sweep and the tensor-parallel grid."""
 import json
 import math
 import subprocess
@@ -244,9 +245,9 @@ def test_prompt_files():
 
 def test_bench_smoke_end_to_end(tmp_path):
     out = tmp_path / "bench"
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--smoke", "--out", str(out),
-           "--systems", "hf,hf_static,hf_assisted,ref,ar,sd,ssd,ssd_seq", "--ssd-concurrent", "on"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--smoke", "--out", str(out), "--in-process",
+           "--systems", "hf,hf_static,hf_assisted,ref,ar,sd,ssd,ssd_seq", "--ssd-concurrent", "on", "--ks", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     md = (out / "results.md").read_text()
@@ -289,3 +290,65 @@ def test_bench_smoke_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "results.md").is_file()
     assert len(json.loads((out / "results.json").read_text())["records"]) == len(recs) + 1
+
+
+def _bench(args, env=None, timeout=900):
+    """Run scripts/bench.py; returns (driver pid, results.json, results.md)."""
+    out = Path(args[args.index("--out") + 1])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench.py"), "--smoke"] + args, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, stderr[-3000:]
+    return proc.pid, json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+
+
+def test_bench_runs_each_system_in_its_own_process_and_survives_a_crash(tmp_path):
+    """Every SD measurement's process dies (os.abort, as after an illegal memory access): each becomes a row
+    with its error, and AR, measured after them, still runs, in a process of its own."""
+    import os
+    env = dict(os.environ, BENCH_CRASH_SYSTEM="sd")
+    pid, res, md = _bench(["--out", str(tmp_path), "--pairs", "tiny", "--systems", "sd,ar", "--batch-sizes", "1",
+                           "--temperatures", "0", "--ks", "2,3", "--no-profile"], env=env)
+    recs = {r["key"]: r for r in res["records"]}
+    sd = [r for r in recs.values() if r["system"] == "sd"]
+    ar = [r for r in recs.values() if r["system"] == "ar"]
+    assert len(sd) == 2 and all(r["status"] == "error" and "the process exited with" in r["error"] for r in sd)
+    assert len(ar) == 1 and ar[0]["status"] == "ok" and ar[0]["decode_tok_s"] > 0
+    assert ar[0]["pid"] not in (pid, os.getpid())                 # measured in a child of the driver
+    assert "FAILED: the process exited with" in md and "ours SD" in md
+    assert (tmp_path / "logs" / "tiny_sd.log").is_file()
+
+
+def test_draft_cost_sweep_smoke(tmp_path):
+    pid, res, md = _bench(["--out", str(tmp_path), "--suite", "sweep", "--in-process"])
+    recs = res["records"]
+    assert all(r["status"] == "ok" and r["sweep"] for r in recs), [r.get("error") for r in recs]
+    widths = {(r["system"], r["dw"], r["k"]) for r in recs}
+    assert widths == {("ar", 1, 0)} | {(s, w, k) for s in ("sd", "ssd") for w in (1, 2) for k in (1, 2)}
+    # the x2 draft is the same draft, wider: twice the width, (about) four times the layer weights
+    d1 = next(r["draft"] for r in recs if r["system"] == "sd" and r["dw"] == 1)
+    d2 = next(r["draft"] for r in recs if r["system"] == "sd" and r["dw"] == 2)
+    assert d2["hidden"] == 2 * d1["hidden"] and d2["params"] > 3 * d1["params"] - 2 * 320 * d1["hidden"]
+    rows = bench_module().sweep_rows(recs)
+    assert len(rows) == 4 and all(r["ssd_vs_sd"] > 0 and r["pred_ssd_vs_sd"] > 0 and r["pred_ssd_vs_ar"] > 0
+                                  and r["cost_ratio"] > 0 for r in rows)
+    assert "Where SSD pays" in md and "largest disagreement" in md
+    assert (tmp_path / "draft_cost_sweep.png").is_file()
+    assert res["config"]["suite"] == "sweep" and res["config"]["draft_widths"] == [1, 2]
+
+
+def test_tensor_parallel_grid_smoke(tmp_path):
+    """--tp: ar and ssd with the target split over 1 and 2 processes (gloo on the CPU); 3 does not divide the
+    tiny target's heads and becomes a skipped row with the reason."""
+    pid, res, md = _bench(["--out", str(tmp_path), "--pairs", "tiny", "--systems", "ar,ssd", "--tp", "1,2,3",
+                           "--batch-sizes", "1", "--temperatures", "0", "--ks", "2", "--no-profile", "--in-process"])
+    status = {(r["system"], r["tp"]): r["status"] for r in res["records"]}
+    assert status == {("ar", 1): "ok", ("ssd", 1): "ok", ("ar", 2): "ok", ("ssd", 2): "ok",
+                      ("ar", 3): "skipped", ("ssd", 3): "skipped"}, res["records"]
+    assert all("divisible by 3" in r["error"] for r in res["records"] if r["tp"] == 3)
+    assert "## Tensor-parallel target" in md and "TP=2 / TP=1" in md
+
+
+def bench_module():
+    import bench
+    return bench
