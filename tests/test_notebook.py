@@ -52,9 +52,76 @@ CLAIMS = {
     "claim-saguaro-exact": [r"acceptance falls as C decreases: True",
                             r"hit rate at a rejection rises as C decreases: True"],
     "claim-backup": [r"ssd\.choose_backup agrees with the two curves at every batch size: True"],
-    "claim-speedup-formula": [r"tokens per round within 25% of the geometric model: True",
-                              r"tokens per second within 25% of the formula: True"],
+    "claim-speedup-formula": [r"tokens per round: every prediction within 25% of the measurement: True"],
+    "claim-draft-params": [r"loaded = stored - P \+ V x d: True"],
+    "claim-tree-tensors": [r"fork candidates equal ssd\.py's: True",
+                           r"hand-built RoPE positions equal ssd\.py's: True",
+                           r"hand-built KV slots equal ssd\.py's: True",
+                           r"hand-built attention masks equal ssd\.py's: True"],
+    "claim-tree-plain": [r"the tree decode computes what plain decoding computes \(\|difference\| < 1e-3\): True"],
+    "claim-rounds-match": [r"every SD round accepted what the match string predicts: True",
+                           r"every SSD hit round accepted what a draft proposal from its position would: True"],
+    "claim-rounds-jit": [r"hit rounds emit more tokens than miss rounds: True",
+                         r"with the jit backup, SSD's rounds are SD's rounds, one for one: True"],
+    "claim-gpu-pays": [r"every configuration where SSD beat SD had its draft side shorter than the verify: True",
+                       r"no configuration whose draft side is longer than the verify beat SD: True",
+                       r"the draft side shorter than the verify did not suffice everywhere \(some lost\): True"],
+    "claim-gpu-trace": [r"on every hit round of the trace the draft's work was hidden under the verify: True"],
 }
+
+
+def close(x, y, tol):
+    return abs(float(x) - float(y)) <= tol
+
+
+def check_numbers(nb):
+    """The numbers the new sections state are consistent with each other (so they were computed, not typed)."""
+    # the draft's parameter counts: stored = layers + P; loaded = stored - P + V x d
+    text = tagged(nb, "claim-draft-params")
+    stored, layers, proj = map(float, re.search(r": ([\d.]+)M = ([\d.]+)M in the layers and norms \+ ([\d.]+)M", text).groups())
+    assert close(stored, layers + proj, 0.06), text
+    V, d, vd = re.search(r"\[(\d+) x (\d+)\] = ([\d.]+)M", text).groups()
+    assert close(int(V) * int(d) / 1e6, vd, 0.006), text
+    # the worked tree: N*K scratch slots, branch i's slots start at M + i*K
+    text = tagged(nb, "claim-tree-tensors")
+    for i, first, last in re.findall(r"branch (\d+): .*slots (\d+)\.\.(\d+)", text):
+        assert int(last) - int(first) + 1 == 2, text                       # K = 2 in the worked example
+    starts = [int(x) for x in re.findall(r"slots (\d+)\.\.", text)]
+    assert len(starts) == 4 and all(b - a == 2 for a, b in zip(starts, starts[1:])), text   # fan-out [2, 1, 1]
+    # where the rounds go: hits and misses add up to the run
+    text = tagged(nb, "claim-rounds-jit")
+    rounds, per_round = re.search(r"SSD: (\d+) rounds, ([\d.]+) tokens per round", text).groups()
+    hits, per_hit, misses, per_miss = re.search(
+        r"(\d+) hits at ([\d.]+) tokens per round, (\d+) misses at ([\d.]+)", text).groups()
+    assert int(hits) + int(misses) == int(rounds), text
+    assert close((int(hits) * float(per_hit) + int(misses) * float(per_miss)) / int(rounds), per_round, 0.01), text
+    sd_rounds, sd_per = re.search(r"SD: +(\d+) rounds, ([\d.]+) tokens per round", text).groups()
+    jit_rounds, jit_per = re.search(r"backup='jit': (\d+) rounds, ([\d.]+) tokens per round", text).groups()
+    assert (jit_rounds, jit_per) == (sd_rounds, sd_per), text
+    # section 5: each error is (predicted - measured) / measured, tokens/s = tokens per round / time per round
+    text = tagged(nb, "claim-speedup-formula")
+    rows = re.findall(r"^ *(AR|SD|SSD \(overlapped\)) +([\d.]+) +([\d.]+) *([+-]\d+)% +(\d+) +(\d+) +([\d.]+) +([\d.]+) *([+-]\d+)%",
+                      text, flags=re.M)
+    assert [r[0] for r in rows] == ["AR", "SD", "SSD (overlapped)"], text
+    for _, e_pred, e_meas, e_err, t_pred, _t_meas, r_pred, r_meas, r_err in rows:
+        assert close(100 * (float(e_pred) - float(e_meas)) / float(e_meas), e_err, 1.5)
+        assert close(1e3 * float(e_pred) / float(t_pred), r_pred, 0.05 * float(r_pred) + 0.1)
+        rounding = 100 * 0.05 / float(r_meas) * (1 + float(r_pred) / float(r_meas))     # speeds printed to 0.1
+        assert close(100 * (float(r_pred) / float(r_meas) - 1), r_err, 1 + rounding)
+    # the GPU table: the ratios are the ratios of the printed speeds
+    text = tagged(nb, "claim-gpu-table")
+    rows = re.findall(r"^ *(\w+) +([01]) +(\d+) +(\d+) \(\w+\) +(\d+) \(\w+\) +([\d.]+) +([\d.]+)", text, flags=re.M)
+    assert rows, "the GPU table is missing: " + text
+    for _, _, ar, sd, ssd_, vs_sd, vs_ar in rows:
+        assert close(float(ssd_) / float(sd), vs_sd, 0.01) and close(float(ssd_) / float(ar), vs_ar, 0.01), text
+    # the trace: hits and misses add up, and the hidden count is out of all rounds
+    text = tagged(nb, "claim-gpu-trace")
+    n, hits, misses = map(int, re.search(r"(\d+) rounds in the trace: (\d+) hits, (\d+) misses", text).groups())
+    hidden, total = map(int, re.search(r"ended before the verify in (\d+) of (\d+) rounds", text).groups())
+    assert hits + misses == n == total and hidden <= total, text
+    text = tagged(nb, "claim-gpu-pays")
+    configs, wins = map(int, re.search(r"(\d+) GPU configurations .* in (\d+)", text).groups())
+    assert 0 < wins <= configs, text
 
 
 def check_claims(nb):
@@ -62,6 +129,7 @@ def check_claims(nb):
         text = tagged(nb, tag)
         for pattern in patterns:
             assert re.search(pattern, text), f"cell {tag} does not print {pattern!r}; it printed:\n{text}"
+    check_numbers(nb)
 
 
 # --------------------------------------------------------------------------------------------- the committed file
@@ -256,3 +324,74 @@ def test_exercise_5_geometric_fan_out_is_the_rounded_optimum():
             def miss(f):
                 return sum(pj * min(1.0, fj ** -r) if fj > 0 else pj for pj, fj in zip(probs, f))
             assert miss(ideal) <= miss(fan) <= 1.1 * miss(ideal), (a, r, fan, ideal)
+
+
+# --------------------------------------------------------------------------------------------- new sections' code
+
+def builder_cell(start):
+    """The source of the one code cell that starts with `start`."""
+    cells = [src for kind, src, _ in load_builder().CELLS if kind == "code" and src.startswith(start)]
+    assert len(cells) == 1, start
+    return cells[0]
+
+
+def test_reading_guide_names_exist():
+    """Every function the reading guide names exists (a renamed function fails here, not in a reader's hands)."""
+    import cli
+    import kernels
+    import ssd_fast
+    modules = {"ssd": ssd, "ssd_fast": ssd_fast, "kernels": kernels, "cli": cli}
+    guide = next(src for kind, src, _ in load_builder().CELLS if kind == "markdown" and "Reading guide" in src)
+    names = [(m, a) for m, a in re.findall(r"`(ssd|ssd_fast|kernels|cli)\.([\w.]+)`", guide) if a != "py"]
+    assert len(names) > 30
+    for module, attr in names:
+        obj = modules[module]
+        for part in attr.split("."):
+            assert hasattr(obj, part), f"the reading guide names {module}.{attr}, which does not exist"
+            obj = getattr(obj, part)
+    for script in re.findall(r"`(scripts/\w+\.py)`", guide):
+        assert (ROOT / script).is_file(), script
+
+
+def run_gpu_cell(start, bench, capsys):
+    import math
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import json
+    namespace = {"ROOT": bench.parent, "BENCH": bench, "json": json, "math": math, "plt": plt, "display": print,
+                 "Markdown": str}
+    source = builder_cell(start)
+    exec(source.replace('BENCH = ROOT / "benchmarks"', "BENCH = ROOT / " + repr(bench.name)), namespace)
+    plt.close("all")
+    return capsys.readouterr().out
+
+
+def bench_record(system, tok_s, k=4, parts=None, predicted=None):
+    return {"system": system, "mode": system, "pair": "expanded", "temperature": 0.0, "batch": 1, "k": k, "c": 1.0,
+            "status": "ok", "decode_tok_s": tok_s, "parts_ms": parts or {}, "predicted_tok_s": predicted}
+
+
+def test_gpu_cells_say_so_when_benchmarks_are_absent(tmp_path, capsys):
+    (tmp_path / "bench").mkdir()
+    out = run_gpu_cell("import json\n\nBENCH", tmp_path / "bench", capsys)
+    assert "No GPU results found under benchmarks/" in out
+    out = run_gpu_cell("sweep_files", tmp_path / "bench", capsys)
+    assert "Not measured yet" in out
+
+
+def test_gpu_cells_read_bench_results(tmp_path, capsys):
+    """The GPU table reads bench.py's format; the draft-cost sweep cell shows a sweep once one exists."""
+    import json
+    bench = tmp_path / "bench"
+    records = [bench_record("ar", 200.0), bench_record("sd", 300.0, parts={"draft": 1.0, "verify": 4.0}, predicted=310),
+               bench_record("ssd", 330.0, parts={"glue": 0.3, "tree": 2.0, "verify": 4.2}, predicted=340)]
+    for name, started in (("run_a", "2026-01-01 00:00:00 UTC"), ("draft_cost_x2", "2026-01-02 00:00:00 UTC")):
+        (bench / name).mkdir(parents=True)
+        (bench / name / "results.json").write_text(json.dumps(
+            {"config": {"device": "cuda:0", "gpus": ["NVIDIA H200"], "started": started}, "records": records}))
+    out = run_gpu_cell("import json\n\nBENCH", bench, capsys)
+    assert re.search(r"expanded +0 +200 +300 \(4\) +330 \(4\) +1\.10 +1\.65", out), out
+    out = run_gpu_cell("sweep_files", bench, capsys)
+    assert "draft_cost_x2/results.json: 1 configurations" in out
+    assert re.search(r"expanded +0 +1 +4 +0\.25 +1\.10 +1\.10 +1\.65", out), out
