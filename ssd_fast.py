@@ -24,6 +24,17 @@ What changes from the reference, and why:
   speculation budget is then sized to what the verify leaves (`fit_budget`). If the draft fails, the
   run finishes as AR.
 - `k="auto"` measures the step times and picks the K whose drafting fits inside the verify.
+- Random numbers: one generator per sampling site (target: first token, AR sampling, the verify's uniforms and
+  recovery noise; draft: SD proposals and the speculation tree; backup: the jit backup), each on the device that
+  draws from it, seeded from the user's seed by ssd.derive_seed and registered with the CUDA graphs that draw
+  from it. Independence: the verifier's uniforms come from a stream that nothing else draws from and whose seed
+  is unrelated to the draft's, so they are independent of the proposals they judge (two generators seeded alike
+  advance in lockstep and would hand the verifier the draft's own numbers). Reproducibility: the choices that
+  change the output (the backup, the fan-out, the budget) follow rules, not timings, unless k="auto" is asked
+  for, so the same seed and arguments give the same tokens.
+- Rows that stop ride along frozen: their positions are clamped inside the cache, the context limit is also
+  enforced on the device (a pipelined round never moves a row past it), and the fused RoPE/KV write masks slots
+  outside the cache.
 
 On a machine without CUDA the same code runs with the kernels' PyTorch references in float32 (it
 says so once), and gives the same greedy tokens as ssd.py.
@@ -62,14 +73,19 @@ def bucket(batch: int) -> int:
 
 
 class Ops:
-    """The Triton kernels on a GPU; their PyTorch references (same signatures) on a CPU."""
+    """The Triton kernels on a GPU; their PyTorch references (same signatures) on a CPU. `triton` names
+    kernels to take from Triton whatever `use_triton` says: on a CPU they run in Triton's interpreter
+    (TRITON_INTERPRET=1), which is how the tests sample through the real verify and race kernels."""
+    NAMES = ("cache_attention", "tree_attention", "add_rmsnorm", "rmsnorm", "rope", "rope_kv_write",
+             "sample_exponential_race", "verify", "silu_mul", "skinny_linear")
 
-    def __init__(self, use_triton: bool):
+    def __init__(self, use_triton: bool, triton=()):
         import kernels
-        suffix = "" if use_triton else "_ref"
-        for name in ("cache_attention", "tree_attention", "add_rmsnorm", "rmsnorm", "rope", "rope_kv_write",
-                     "sample_exponential_race", "verify", "silu_mul", "skinny_linear"):
-            setattr(self, name, getattr(kernels, name + suffix))
+        unknown = set(triton) - set(self.NAMES)
+        if unknown:
+            raise ValueError(f"unknown kernels {sorted(unknown)}: choose from {', '.join(self.NAMES)}")
+        for name in self.NAMES:
+            setattr(self, name, getattr(kernels, name if use_triton or name in triton else name + "_ref"))
         self.use_triton = use_triton
 
 
@@ -99,19 +115,15 @@ class FastModel:
 
     def __init__(self, model: ssd.Transformer, device, dtype, ops: Ops, linear="torch"):
         cfg = model.cfg
-        rope_type = (cfg.rope_scaling or {}).get("rope_type", "default")
-        if cfg.sliding_window or rope_type == "dynamic" or cfg.partial_rotary_factor != 1.0:
-            raise ValueError("ssd_fast.py does not support sliding-window attention, dynamic RoPE or partial "
-                             "rotary embeddings yet: use ssd.py for this checkpoint")
-        self.cfg, self.ops, self.device, self.dtype = cfg, ops, device, dtype
+        self.check_supported(cfg)
 
         def w(t):
             return None if t is None else t.detach().to(device=device, dtype=dtype).contiguous()
-        self.layers = []
+        layers = []
         for block in model.model.layers:
             a, m = block.self_attn, block.mlp
             biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
-            self.layers.append(dict(
+            layers.append(dict(
                 ln1=w(block.input_layernorm.weight), ln2=w(block.post_attention_layernorm.weight),
                 wqkv=w(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
                 bqkv=w(torch.cat(biases)) if biases[0] is not None else None,
@@ -120,16 +132,51 @@ class FastModel:
                 w_gate_up=w(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
                 b_gate_up=w(torch.cat([m.gate_proj.bias, m.up_proj.bias])) if m.gate_proj.bias is not None else None,
                 w_down=w(m.down_proj.weight), b_down=w(m.down_proj.bias)))
-        self.embed = w(model.model.embed_tokens.weight)
-        self.lm_head = self.embed if cfg.tie_word_embeddings else w(model.lm_head.weight)
-        self.norm = w(model.model.norm.weight)
+        embed = w(model.model.embed_tokens.weight)
+        lm_head = embed if cfg.tie_word_embeddings else w(model.lm_head.weight)
+        self._setup(cfg, layers, embed, lm_head, w(model.model.norm.weight), device, dtype, ops, linear,
+                    sum(p.numel() for p in model.parameters()))
+
+    @classmethod
+    def from_weights(cls, cfg, layers, embed, lm_head, norm, device, dtype, ops: Ops, linear="torch", n_params=None):
+        """A FastModel from tensors already in its layout on `device` in `dtype` (loader.py streams a checkpoint
+        into them): `layers` holds one dict per layer with the keys __init__ builds (ln1, ln2, wqkv, bqkv, wo, bo,
+        q_norm, k_norm, w_gate_up, b_gate_up, w_down, b_down; None where the model has no such weight)."""
+        cls.check_supported(cfg)
+        self = cls.__new__(cls)
+        if n_params is None:
+            tensors = [embed, norm, *(t for L in layers for t in L.values() if t is not None)]
+            n_params = sum(t.numel() for t in tensors) + (0 if lm_head is embed else lm_head.numel())
+        self._setup(cfg, layers, embed, lm_head, norm, device, dtype, ops, linear, n_params)
+        return self
+
+    @classmethod
+    def of(cls, model, device, dtype, ops: Ops, linear="torch"):
+        """What the Engine takes as a model: an ssd.Transformer (re-laid here), a FastModel (used as it is), or a
+        loader handle with `fast_model(device, dtype, ops, linear)` (loader.Checkpoint: streamed to the device)."""
+        if isinstance(model, FastModel):
+            return model
+        if isinstance(model, ssd.Transformer):
+            return cls(model, device, dtype, ops, linear)
+        return model.fast_model(device, dtype, ops, linear)
+
+    @staticmethod
+    def check_supported(cfg):
+        rope_type = (cfg.rope_scaling or {}).get("rope_type", "default")
+        if cfg.sliding_window or rope_type == "dynamic" or cfg.partial_rotary_factor != 1.0:
+            raise ValueError("ssd_fast.py does not support sliding-window attention, dynamic RoPE or partial "
+                             "rotary embeddings yet: use ssd.py for this checkpoint")
+
+    def _setup(self, cfg, layers, embed, lm_head, norm, device, dtype, ops, linear, n_params):
+        self.cfg, self.ops, self.device, self.dtype = cfg, ops, device, dtype
+        self.layers, self.embed, self.lm_head, self.norm = layers, embed, lm_head, norm
         inv_freq, scale = ssd.rope_inv_freq(cfg)
         # Tree branches run up to 2K positions past the context: room for K up to 512.
         angles = torch.arange(cfg.max_position_embeddings + 1024, dtype=torch.float64)[:, None] * inv_freq
         self.cos = (angles.cos() * scale).float().to(device)
         self.sin = (angles.sin() * scale).float().to(device)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.n_params = sum(p.numel() for p in model.parameters())
+        self.n_params = n_params
         self.linear, self.linear_times = {}, {}   # projection name -> None (F.linear) or a skinny config
         if linear not in ("torch", "triton", "auto"):
             raise ValueError(f"linear must be torch, triton or auto, got {linear!r}")
@@ -230,16 +277,24 @@ class Graphed:
     rounds only; a replay holds the lock for the microseconds of its launch)."""
     lock = threading.RLock()
 
-    def __init__(self, fn, inputs: dict, pool):   # (run under on_device(the model's device))
+    def __init__(self, fn, inputs: dict, pool, generators=()):   # (run under on_device(the model's device))
         with Graphed.lock:
             self.static = {k: v.clone() for k, v in inputs.items()}
+            # The random draws of a replay come from `generators` (registered with the graph, so each replay
+            # advances them). The warm-up runs draw too: their draws are undone, so that a step draws the
+            # same numbers whether its graph was captured in this call or long before (same seed, same output).
+            states = [g.get_state() for g in generators]
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
                     fn(**self.static)
             torch.cuda.current_stream().wait_stream(stream)
+            for g, state in zip(generators, states):
+                g.set_state(state)
             self.graph = torch.cuda.CUDAGraph()
+            for g in generators:
+                self.graph.register_generator_state(g)
             with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                 self.out = fn(**self.static)
 
@@ -257,6 +312,7 @@ class Runner:
     def __init__(self, model: FastModel, use_graphs: bool):
         self.model, self.use_graphs, self.graphs = model, use_graphs, {}
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        self.generators = ()    # the random generators this device's steps draw from (set by the Engine)
 
     def step(self, cache, tokens, positions):
         fn = lambda tokens, positions: self.model.forward(tokens, positions, cache)  # noqa: E731
@@ -272,7 +328,7 @@ class Runner:
             if not self.use_graphs:
                 return fn(**inputs)
             if key not in self.graphs:
-                self.graphs[key] = Graphed(fn, inputs, self.pool)
+                self.graphs[key] = Graphed(fn, inputs, self.pool, self.generators)
             return self.graphs[key](**inputs)
 
 
@@ -301,7 +357,8 @@ class Batch:
 
 class Engine:
     """Load once, generate many. `Engine(target, draft)` takes ssd.Transformer models (loaded on the
-    CPU by ssd.load_model) and re-lays them on the device. `pipeline=False` reads every AR/SD round
+    CPU by ssd.load_model) and re-lays them on the device, or ready FastModels, or loader.Checkpoint handles
+    (streamed from disk straight to the device in the engine's dtype, each tensor-parallel rank its slice). `pipeline=False` reads every AR/SD round
     back before launching the next (for comparison; on by default). `tp=N` splits the target over N processes
     (GPUs from `device` on; tp.py), each building it with `tp_loader`; `close()` stops them. `linear`:
     the projections of one-row decode steps (FastModel; "auto" times cuBLAS against the skinny Triton
@@ -309,7 +366,7 @@ class Engine:
 
     def __init__(self, target: ssd.Transformer, draft: ssd.Transformer | None = None, device=None,
                  dtype=None, cuda_graphs=True, max_seq=4096, log=print, concurrent=None, draft_device=None,
-                 tp=1, tp_loader=None, pipeline=True, linear="auto"):
+                 tp=1, tp_loader=None, pipeline=True, linear="auto", triton_ops=()):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         on_gpu = str(device).startswith("cuda")
         if on_gpu and not torch.cuda.is_available():
@@ -318,7 +375,7 @@ class Engine:
             log("ssd_fast: no CUDA device, running the same algorithm with the PyTorch reference ops in float32")
         self.device, self.on_gpu = torch.device(device), on_gpu
         self.dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
-        self.ops = Ops(use_triton=on_gpu)
+        self.ops = Ops(use_triton=on_gpu, triton=triton_ops)
         if draft is not None:
             ssd.check_compatible(target, draft)
         self.draft_device = torch.device(draft_device) if draft_device is not None else self.device
@@ -338,10 +395,21 @@ class Engine:
                                                    log)
             self.t_run = tensor_parallel.TPRunner(self.target, graphs)
         else:
-            self.target = FastModel(target, self.device, self.dtype, self.ops, linear)
+            self.target = FastModel.of(target, self.device, self.dtype, self.ops, linear)
             self.t_run = Runner(self.target, graphs)
-        self.draft = FastModel(draft, self.draft_device, self.dtype, self.ops, linear) if draft is not None else None
+        self.draft = FastModel.of(draft, self.draft_device, self.dtype, self.ops, linear) if draft is not None else None
         self.d_run = Runner(self.draft, graphs) if draft is not None else None
+        # One random generator per sampling site, on the device that draws from it (ssd.SITES): the target's
+        # (first token, AR sampling, the verify's uniforms and recovery noise), the draft's (SD proposals, the
+        # speculation tree) and the jit backup's. Each is seeded from the user's seed by ssd.derive_seed, so
+        # no two streams advance in lockstep: the verifier's uniforms are independent of the numbers that made
+        # the proposals, which exactness needs (seeding two GPUs alike would make them the same numbers). Each
+        # graph registers the generators of its device, so a replay draws fresh numbers from them.
+        self.rng = ssd.random_streams(0, {"target": self.device, "draft": self.draft_device,
+                                          "backup": self.draft_device})
+        self.t_run.generators = (self.rng["target"],)
+        if self.d_run is not None:
+            self.d_run.generators = (self.rng["draft"], self.rng["backup"])
         self.max_seq = min(max_seq, target.cfg.max_position_embeddings)
         self.caches, self.calibrated = {}, {}
         self.check_sync = False
@@ -374,12 +442,23 @@ class Engine:
     def _probs(self, logits, t, req):
         return ssd.to_probs(logits, t, req.top_k, req.top_p)
 
-    def _sample(self, probs, gen=None):
-        """Exact sampling by exponential race: argmax p / E with E ~ Exp(1), no host sync."""
+    def _sample(self, probs, gen):
+        """Exact sampling by exponential race: argmax p / E with E ~ Exp(1) from `gen`, no host sync."""
         flat = probs.reshape(-1, probs.shape[-1]).float().contiguous()
-        noise = torch.empty_like(flat).exponential_(generator=gen)
+        noise = ssd.exponential_noise(flat.shape, gen, flat.device)
         with on_device(flat.device):
             return self.ops.sample_exponential_race(flat, noise).reshape(probs.shape[:-1])
+
+    def _draft_sample(self, logits, t, req, fan_out, gen):
+        """ssd.draft_sample on the device: a token drawn from the draft's q' and that very q' (the verifier's)."""
+        q = ssd.saguaro_rescale(self._probs(logits, t, req), fan_out, req.c)
+        return self._sample(q, gen), q
+
+    def _base(self, st, req):
+        """Each row's position of r, where this round's steps start. A finished row rides along frozen (its
+        results are discarded): its position is clamped so that its writes, K + 1 slots on, stay inside the
+        cache (for the rows still generating the clamp changes nothing: the context check keeps them below)."""
+        return (st.lens - 1).clamp(max=self.tc.slots - req.k_used - 2)
 
     def _cache(self, model, name, batch, branches=0, k=0):
         key = (name, batch, branches, k)
@@ -431,6 +510,8 @@ class Engine:
         if mode != "ar" and self.draft is None:
             raise ValueError(f"mode {mode} needs a draft model: build the Engine with one")
         batch = 1 if prompts and isinstance(prompts[0], int) else len(prompts)
+        # Choices that change the output never depend on a timing unless asked (k="auto" measures, and says
+        # what it chose): the same seed and arguments give the same tokens on the same machine.
         if k == "auto":   # measured: the K (and speculation budget) whose drafting the verify hides
             k, budget, _ = self.choose_lookahead(batch, mode) if mode != "ar" else (1, None, None)
             if mode == "ssd" and fan_out == "auto" and fan_out_budget is None:
@@ -438,16 +519,11 @@ class Engine:
                 # H200s at batch 4 and 16); with the draft side concurrent, time the real one for this K
                 overlapped = self.worker is not None and self.on_gpu
                 fan_out_budget = self.fit_budget(batch, k, saguaro_c, top_k, top_p) if overlapped else budget
-        elif mode == "ssd" and fan_out == "auto" and fan_out_budget is None and self.worker is not None \
-                and self.on_gpu and isinstance(k, int) and k >= 1:
-            # The draft side runs during the verify: spend what the verify leaves on more speculations.
-            fan_out_budget = self.fit_budget(batch, k, saguaro_c, top_k, top_p)
         req = ssd.make_request(_CfgOnly(self.target.cfg), prompts, _CfgOnly(self.draft.cfg) if self.draft else None,
                                mode, k, temperature, draft_temperature, top_k, top_p, fan_out, fan_out_budget,
                                saguaro_c, backup, miss_exponent, max_new_tokens, seed, eos_token_id, self.max_seq)
-        torch.manual_seed(seed)
-        if self.worker is not None:
-            self.worker.seed(seed)
+        for site, gen in self.rng.items():    # after any measuring above, which may have drawn
+            gen.manual_seed(ssd.derive_seed(seed, site))
         self.profile, self.req = profile, req
         B = len(req.prompts)
         Bb = bucket(B)
@@ -459,8 +535,8 @@ class Engine:
         self.tc = self._cache(self.target, "target", Bb)
         self.dc = self._cache(self.draft, "draft", Bb, branches, req.k) if mode != "ar" else None
         est = ssd.Estimates(k=req.k)
-        if mode == "ssd" and req.backup == "auto":
-            est.t_verify, est.t_jit = self._calibrate(Bb, req.k)
+        if mode == "ssd":   # the batch-aware backup weighs the jit backup's cost by a rule, not a timing
+            est.jit_cost_ratio = jit_cost_ratio(self.target.cfg, self.draft.cfg, req.k, Bb, self.on_gpu)
         t0 = time.perf_counter()
         st = self._prefill(req, Bb, mode)
         return _Run(self, st, req, est, mode, time.perf_counter() - t0)
@@ -475,7 +551,7 @@ class Engine:
         logits = self.target.forward(tokens, positions, self.tc)[torch.arange(Bb, device=dev), plens - 1]
         if mode != "ar":
             self.draft.forward(tokens.to(self.draft_device), positions.to(self.draft_device), self.dc)
-        first = self._sample(self._probs(logits, req.t, req))
+        first = self._sample(self._probs(logits, req.t, req), self.rng["target"])
         hist = torch.zeros(Bb, self.max_seq + 2 * req.k + 4, dtype=torch.long, device=dev)
         hist[:, :T] = tokens
         hist[torch.arange(Bb, device=dev), plens] = first
@@ -506,13 +582,16 @@ class Engine:
             st.done[b], st.finish[b] = True, "context"
 
     def _commit_device(self, st, n, new):
-        """Write the accepted tokens s1..sn and the new recovery token into the history (active rows)."""
+        """Write the accepted tokens s1..sn and the new recovery token into the history (active rows). A row
+        whose next round would not fit the context stops here, on the device (the host's _finish_check says
+        "context" when it reads this round back): a round launched before that read-back must not move it on."""
         K1 = new.shape[1]
         n = torch.where(st.active, n, torch.zeros_like(n))
         idx = st.lens[:, None] + torch.arange(K1, device=n.device)
         keep = (torch.arange(K1, device=n.device)[None] <= n[:, None]) & st.active[:, None]
         st.hist.scatter_(1, idx, torch.where(keep, new, st.hist.gather(1, idx)))
         st.lens += torch.where(st.active, n + 1, torch.zeros_like(n))
+        st.active &= st.lens + self.req.k_used + 1 <= self.req.context_limit
         st.last_n = n
 
     def _commit_host(self, st, req, packed, stats):
@@ -543,9 +622,10 @@ class Engine:
 
     def _ar_round(self, st, req, stats, est):
         def step(tokens, positions, t):  # forward + sampling, one graph
-            return self._sample(self._probs(self.target.forward(tokens, positions, self.tc)[:, -1], t, req))
+            return self._sample(self._probs(self.target.forward(tokens, positions, self.tc)[:, -1], t, req),
+                                self.rng["target"])
         with self._timed(stats, "verify"):
-            pos = st.lens - 1
+            pos = self._base(st, req)
             r = st.hist.gather(1, pos[:, None])
             r_new = self.t_run.run(("ar", id(self.tc), r.shape[0], req.top_k, req.top_p), step,
                                    tokens=r, positions=pos[:, None], t=req.t)
@@ -553,12 +633,13 @@ class Engine:
         self._commit_device(st, n, r_new[:, None])
         return n, r_new[:, None], torch.zeros_like(n, dtype=torch.bool)
 
-    def _draft_propose(self, st, req, fan=None):
-        """K draft steps from the recovery token r (SD, and SSD's jit backup). The first step also
-        re-reads the token before r, so rows where the draft has not seen s_K yet (all K accepted
-        last round) need no separate catch-up pass: every row runs the same shapes."""
+    def _draft_propose(self, st, req, fan=None, site="draft"):
+        """K draft steps from the recovery token r (SD, and SSD's jit backup, which samples from its own
+        stream, site "backup"). The first step also re-reads the token before r, so rows where the draft
+        has not seen s_K yet (all K accepted last round) need no separate catch-up pass: every row runs
+        the same shapes."""
         dd = self.draft_device
-        m1 = st.lens - 1
+        m1 = self._base(st, req)
         B, V = st.hist.shape[0], self.draft.cfg.vocab_size
         tokens = torch.empty(B, req.k, dtype=torch.long, device=dd)
         qs = torch.empty(B, req.k, V, device=dd)
@@ -569,10 +650,9 @@ class Engine:
             f_i = _saguaro_f(fan[i] if fan is not None else 0, req.c)
 
             def step(tokens, positions, t, f_i=f_i):  # draft forward + (Saguaro) sampling, one graph
-                q = self._probs(self.draft.forward(tokens, positions, self.dc)[:, -1], t, req)
-                q = ssd.saguaro_rescale(q, f_i, req.c)
-                return self._sample(q), q
-            key = ("draft", id(self.dc), tuple(step_tokens.shape), req.top_k, req.top_p, f_i, req.c)
+                logits = self.draft.forward(tokens, positions, self.dc)[:, -1]
+                return self._draft_sample(logits, t, req, f_i, self.rng[site])
+            key = ("draft", site, id(self.dc), tuple(step_tokens.shape), req.top_k, req.top_p, f_i, req.c)
             s, q = self.d_run.run(key, step, tokens=step_tokens, positions=step_pos, t=req.t_draft)
             tokens[:, i], qs[:, i] = s, q
             step_tokens, step_pos = tokens[:, i:i + 1], (m1 + 1 + i)[:, None]
@@ -580,15 +660,15 @@ class Engine:
 
     def _verify(self, st, req, proposal, q):
         """The target's pass over [r, s1..sK] and the fused exact verify (one kernel, no sync)."""
-        m1 = st.lens - 1
+        m1 = self._base(st, req)
         r = st.hist.gather(1, m1[:, None])
         positions = m1[:, None] + torch.arange(req.k + 1, device=self.device)
 
         def step(tokens, positions, t, proposal, q):  # target forward + exact verify, one graph
             p = self._probs(self.target.forward(tokens, positions, self.tc), t, req)
             B, V = p.shape[0], p.shape[-1]
-            u = torch.rand(B, req.k, device=p.device)
-            noise = torch.empty(B, V, device=p.device).exponential_()
+            u = torch.rand(B, req.k, device=p.device, generator=self.rng["target"])
+            noise = ssd.exponential_noise((B, V), self.rng["target"], p.device)
             n, r_new = self.ops.verify(p.contiguous(), q, proposal, u, noise)
             j = torch.arange(req.k + 1, device=p.device)[None]
             return n, torch.where(j < n[:, None], torch.cat([proposal, proposal[:, -1:]], 1), r_new[:, None])
@@ -633,7 +713,7 @@ class Engine:
                 q = torch.where(hit[:, None, None], q, qs)
         # 3 and 4 at the same time: the target verifies while the draft runs the glue pass, the fork
         # and the tree decode that make the next round's speculation cache.
-        m1 = st.lens - 1
+        m1 = self._base(st, req)
         r = st.hist.gather(1, m1[:, None])
         job = self._submit_draft_side(m1, r, proposal, fan, req, stats)
         with self._timed(stats, "verify"):
@@ -647,12 +727,12 @@ class Engine:
     def _backup(self, st, req, fan, stats):
         if stats.backup == "jit":
             try:
-                return self._draft_propose(st, req, fan)
+                return self._draft_propose(st, req, fan, site="backup")
             except Exception as e:  # the draft is gone: this round takes the cheap proposal
                 self._draft_lost(e)
                 stats.backup = "fast"
         s = self._ngram_proposal(st, req)    # deterministic: verified with q = one-hot
-        return s, torch.zeros(*s.shape, self.target.cfg.vocab_size, device=self.device).scatter_(-1, s[..., None], 1.0)
+        return s, ssd.deterministic_q(s, self.target.cfg.vocab_size)
 
     def _submit_draft_side(self, m1, r, proposal, fan, req, stats):
         if self.draft_failed:
@@ -719,7 +799,6 @@ class Engine:
         """The draft side of a round (m1: position of r per row). Returns the speculation cache:
         keys (j, candidate) and, per key, K tokens and the K q rows they were sampled from."""
         K, dev = req.k, self.draft_device
-        gen = self.worker.gen if self.worker is not None else None
         with self._timed(stats, "glue", [dev]):
             glue = self.d_run.step(self.dc, torch.cat([r, proposal], 1), m1[:, None] + torch.arange(K + 1, device=dev))
         with self._timed(stats, "tree", [dev]):
@@ -742,8 +821,7 @@ class Engine:
                 def step(tokens, positions, trunk, glue, t, depth=depth, f=f):
                     logits = self.draft.forward(tokens, positions, self.dc, tree=(trunk, glue, depth))
                     # Saguaro sampling: a token at depth d is proposal d+1, decided by outcome n = d.
-                    q = ssd.saguaro_rescale(self._probs(logits, t, req), f, req.c)
-                    return self._sample(q, gen), q
+                    return self._draft_sample(logits, t, req, f, self.rng["draft"])
                 key = ("tree", id(self.dc), B, N, depth, f, req.c, req.top_k, req.top_p)
                 s, q = self.d_run.run(key, step, tokens=tokens, positions=m1[:, None] + glue_j + 1 + depth,
                                       trunk=m1, glue=glue_j, t=req.t_draft)
@@ -846,20 +924,6 @@ class Engine:
         self._sync()
         return (time.perf_counter() - t0) / reps
 
-    def _calibrate(self, Bb, k):
-        """Measure one verify and one jit backup (K draft steps) at this batch size, for the
-        batch-aware backup choice. Writes only the last slots, which no row has reached yet."""
-        if (Bb, k) in self.calibrated:
-            return self.calibrated[(Bb, k)]
-        dev, S = self.device, self.tc.slots
-        pos = (S - k - 2 + torch.arange(k + 1, device=dev))[None].expand(Bb, -1).contiguous()
-        tok = torch.zeros(Bb, k + 1, dtype=torch.long, device=dev)
-        t_verify = self._time(lambda: self.t_run.step(self.tc, tok, pos))
-        tok_d, pos_d = tok.to(self.draft_device), pos.to(self.draft_device)
-        t_jit = self._time(lambda: [self.d_run.step(self.dc, tok_d[:, :1], pos_d[:, i:i + 1]) for i in range(k)])
-        self.calibrated[(Bb, k)] = (t_verify, t_jit)
-        return t_verify, t_jit
-
     def _sync(self):
         if self.on_gpu:
             torch.cuda.synchronize(self.device)
@@ -872,16 +936,10 @@ class DraftWorker:
     Inputs are handed over with an event (the draft stream waits for the main stream), outputs the
     other way round; record_stream keeps the caching allocator from reusing a buffer too early."""
 
-    def __init__(self, device, seed_offset=1):
+    def __init__(self, device):
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssd-draft")
         self.device = device
         self.stream = torch.cuda.Stream(device) if device is not None else None
-        self.gen = None if device is not None else torch.Generator()
-        self.seed_offset = seed_offset
-
-    def seed(self, seed):
-        if self.gen is not None:
-            self.gen.manual_seed(seed + self.seed_offset)
 
     def submit(self, fn, *args):
         if self.stream is None:
@@ -906,6 +964,30 @@ class DraftWorker:
         main.wait_stream(self.stream)
         for t in tensors:
             t.record_stream(main)
+
+
+# A forward's cost by a roofline with a per-layer floor: max(weight bytes / bandwidth, FLOPs / rate) plus a fixed
+# cost per layer (kernel launches and small reductions that do not shrink with the model). GPU: the H200's measured
+# ceilings (bf16 matrix ~750 TFLOP/s, copies ~4 TB/s; shared/DESIGN.md) and ~12 us per graphed layer; CPU: a
+# small multi-core machine in float32. Only ratios of such costs are used, to decide, never to report.
+COST = {True: dict(bandwidth=4.0e12, flops=7.5e14, per_layer=12e-6, bytes_per_param=2),
+        False: dict(bandwidth=2.0e10, flops=1.0e11, per_layer=40e-6, bytes_per_param=4)}
+
+
+def forward_cost(cfg, batch: int, tokens: int, on_gpu: bool) -> float:
+    """Seconds of one forward over batch x tokens positions, by the COST roofline."""
+    c = COST[on_gpu]
+    params = cfg.num_hidden_layers * (cfg.hidden_size * cfg.head_dim * (2 * cfg.num_attention_heads +
+                                                                        2 * cfg.num_key_value_heads)
+                                      + 3 * cfg.hidden_size * cfg.intermediate_size) + cfg.vocab_size * cfg.hidden_size
+    return max(params * c["bytes_per_param"] / c["bandwidth"], 2 * params * batch * tokens / c["flops"]) \
+        + cfg.num_hidden_layers * c["per_layer"]
+
+
+def jit_cost_ratio(target_cfg, draft_cfg, k: int, batch: int, on_gpu: bool) -> float:
+    """The jit backup's cost (K draft steps) over the verify's (K + 1 target positions), for the batch-aware
+    backup choice (ssd.choose_backup). A rule from the configs, not a timing: a seed reproduces a run."""
+    return k * forward_cost(draft_cfg, batch, 1, on_gpu) / forward_cost(target_cfg, batch, k + 1, on_gpu)
 
 
 def _saguaro_f(f, c):
@@ -1047,7 +1129,7 @@ class _Run:
         if self.mode != "ar":
             dd = eng.draft_device
             eng.draft.forward(tokens.to(dd), positions.to(dd), _RowCache(eng.dc, b))
-        first = int(eng._sample(eng._probs(logits, req.t[b:b + 1], req))[0])
+        first = int(eng._sample(eng._probs(logits, req.t[b:b + 1], req), eng.rng["target"])[0])
         st.hist[b, :T] = tokens[0]
         st.hist[b, T] = first
         st.lens[b], st.last_n[b] = T + 1, 0
