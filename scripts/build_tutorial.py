@@ -1281,7 +1281,8 @@ def load_gpu_records(root=BENCH):
         for rec in data["records"]:
             key = (rec.get("pair"), rec.get("system"), rec.get("temperature"), rec.get("batch"), rec.get("k"),
                    rec.get("c", 1.0), round(rec.get("decode_tok_s") or 0, 3))
-            if rec.get("status") != "ok" or rec.get("system") not in ("ar", "sd", "ssd") or key in seen:
+            if rec.get("status") != "ok" or rec.get("system") not in ("ar", "sd", "ssd") or rec.get("sweep") \
+                    or key in seen:        # (the draft-cost sweep's widened drafts: its own cell below)
                 continue
             seen.add(key)
             records.append(dict(rec, file=path.relative_to(ROOT), started=cfg.get("started", ""),
@@ -1467,38 +1468,54 @@ acceptance) together with $K$, with SSD/SD measured and predicted by `scripts/sp
 that sweep from `benchmarks/` if it has been run.
 """),
 code(r"""
-sweep_files = [p for p in sorted(BENCH.glob("**/results.json")) if "draft_cost" in str(p.parent).replace("-", "_")]
-if not sweep_files:
-    display(Markdown("**Not measured yet:** no draft-cost sweep under `benchmarks/` (a `results.json` in a directory "
-                     "named `draft_cost*`, written by `scripts/bench.py` on a GPU)."))
+def sweep_results(root=BENCH):
+    # results.json files of `scripts/bench.py --suite sweep` (records marked "sweep", one per draft width "dw")
+    found = []
+    for path in sorted(root.glob("**/results.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        records = [r for r in data.get("records", []) if r.get("sweep") and r.get("status") == "ok"] \
+            if isinstance(data, dict) else []
+        if records:
+            found.append(((data.get("config") or {}).get("started", ""), path, records))
+    return max(found, key=lambda x: (x[0], str(x[1]))) if found else None
+
+
+sweep = sweep_results()
+if not sweep:
+    display(Markdown("**Not measured yet:** no draft-cost sweep under `benchmarks/` (the `results.json` that "
+                     "`scripts/bench.py --suite sweep` writes on a GPU)."))
 else:
-    sweep_path = max(sweep_files, key=lambda p: (json.loads(p.read_text()).get("config", {}).get("started", ""), str(p)))
-    sweep = [r for r in json.loads(sweep_path.read_text())["records"] if r.get("status") == "ok"]
+    _, sweep_path, sweep_records = sweep
     groups = {}
-    for r in sweep:
-        groups.setdefault((r["pair"], r["temperature"], r["batch"], r.get("k")), {})[r["system"]] = r
-    ar_by = {(r["pair"], r["temperature"], r["batch"]): r for r in sweep if r["system"] == "ar"}
+    for r in sweep_records:
+        groups.setdefault((r["temperature"], r["k"], r.get("dw", 1)), {})[r["system"]] = r
+    ar_by_t = {r["temperature"]: r for r in sweep_records if r["system"] == "ar"}
     rows_ = []
-    for (pair, T, batch, k), g in groups.items():
-        if "sd" in g and "ssd" in g and (g["sd"].get("parts_ms") or {}).get("verify"):
-            pm = g["sd"]["parts_ms"]
-            pred = (g["ssd"].get("predicted_tok_s") or math.nan) / (g["sd"].get("predicted_tok_s") or math.nan)
-            ar_r = ar_by.get((pair, T, batch))
-            rows_.append(dict(pair=pair, T=T, batch=batch, k=k, cost=pm.get("draft", math.nan) / pm["verify"],
-                              meas=g["ssd"]["decode_tok_s"] / g["sd"]["decode_tok_s"], pred=pred,
-                              vs_ar=g["ssd"]["decode_tok_s"] / ar_r["decode_tok_s"] if ar_r else math.nan))
-    print(f"{sweep_path.relative_to(ROOT)}: {len(rows_)} configurations")
-    print(f"{'pair':>14} {'T':>3} {'batch':>5} {'K':>4} {'SD draft/verify':>15} {'SSD/SD':>7} {'predicted':>9} {'SSD/AR':>7}")
-    for r in sorted(rows_, key=lambda r: (r["k"] if isinstance(r["k"], int) else 99, r["cost"])):
-        print(f"{r['pair']:>14} {r['T']:3g} {r['batch']:5} {r['k']!s:>4} {r['cost']:15.2f} {r['meas']:7.2f} "
-              f"{r['pred']:9.2f} {r['vs_ar']:7.2f}")
+    for (T, k, dw), g in groups.items():
+        sd_, ssd_, ar_ = g.get("sd"), g.get("ssd"), ar_by_t.get(T)
+        pm = (sd_ or {}).get("parts_ms") or {}
+        if not (sd_ and ssd_ and pm.get("draft") and pm.get("verify")):
+            continue
+        rows_.append(dict(T=T, k=k, dw=dw, cost=pm["draft"] / (sd_.get("k_used") or k) / pm["verify"],
+                          meas=ssd_["decode_tok_s"] / sd_["decode_tok_s"],
+                          pred=(ssd_.get("predicted_tok_s") or math.nan) / (sd_.get("predicted_tok_s") or math.nan),
+                          vs_ar=ssd_["decode_tok_s"] / ar_["decode_tok_s"] if ar_ else math.nan))
+    print(f"{sweep_path.relative_to(ROOT)}: {len(rows_)} configurations (batch 1)")
+    print(f"{'T':>3} {'draft width':>11} {'K':>3} {'draft step/verify':>17} {'SSD/SD':>7} {'predicted':>9} {'SSD/AR':>7}")
+    for r in sorted(rows_, key=lambda r: (r["T"], r["dw"], r["k"])):
+        print(f"{r['T']:3g} {'x' + str(r['dw']):>11} {r['k']:3} {r['cost']:17.3f} {r['meas']:7.2f} {r['pred']:9.2f} "
+              f"{r['vs_ar']:7.2f}")
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    for k, batch in sorted({(r["k"], r["batch"]) for r in rows_}, key=str):
-        sel = sorted((r for r in rows_ if (r["k"], r["batch"]) == (k, batch)), key=lambda r: r["cost"])
-        line, = ax.plot([r["cost"] for r in sel], [r["meas"] for r in sel], "o-", label=f"K = {k}, batch {batch}, measured")
+    for T, k in sorted({(r["T"], r["k"]) for r in rows_}):
+        sel = sorted((r for r in rows_ if (r["T"], r["k"]) == (T, k)), key=lambda r: r["cost"])
+        line, = ax.plot([r["cost"] for r in sel], [r["meas"] for r in sel], "o-", label=f"K = {k}, T = {T:g}, measured")
         ax.plot([r["cost"] for r in sel], [r["pred"] for r in sel], "x--", color=line.get_color(), label="predicted")
     ax.axhline(1, color="gray", ls=":")
-    ax.set_xlabel("SD's drafting time / verify time"); ax.set_ylabel("SSD / SD tokens/s"); ax.legend(fontsize=8)
+    ax.set_xscale("log"); ax.set_xlabel("one draft step / the verify (the draft widened: further right)")
+    ax.set_ylabel("SSD / SD tokens/s"); ax.legend(fontsize=7, ncol=2)
     plt.show()
 """),
 md(r"""

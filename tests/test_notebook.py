@@ -367,31 +367,44 @@ def run_gpu_cell(start, bench, capsys):
     return capsys.readouterr().out
 
 
-def bench_record(system, tok_s, k=4, parts=None, predicted=None):
-    return {"system": system, "mode": system, "pair": "expanded", "temperature": 0.0, "batch": 1, "k": k, "c": 1.0,
-            "status": "ok", "decode_tok_s": tok_s, "parts_ms": parts or {}, "predicted_tok_s": predicted}
+def bench_record(system, tok_s, k=4, parts=None, predicted=None, **extra):
+    return dict({"system": system, "mode": system, "pair": "expanded", "temperature": 0.0, "batch": 1, "k": k,
+                 "c": 1.0, "status": "ok", "decode_tok_s": tok_s, "parts_ms": parts or {}, "predicted_tok_s": predicted},
+                **extra)
+
+
+def write_results(path, started, records):
+    import json
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps(
+        {"config": {"device": "cuda", "gpus": ["NVIDIA H200"], "started": started}, "records": records}))
 
 
 def test_gpu_cells_say_so_when_benchmarks_are_absent(tmp_path, capsys):
     (tmp_path / "bench").mkdir()
     out = run_gpu_cell("import json\n\nBENCH", tmp_path / "bench", capsys)
     assert "No GPU results found under benchmarks/" in out
-    out = run_gpu_cell("sweep_files", tmp_path / "bench", capsys)
+    out = run_gpu_cell("def sweep_results", tmp_path / "bench", capsys)
     assert "Not measured yet" in out
 
 
 def test_gpu_cells_read_bench_results(tmp_path, capsys):
-    """The GPU table reads bench.py's format; the draft-cost sweep cell shows a sweep once one exists."""
-    import json
+    """The GPU table reads bench.py's format (and leaves the sweep's widened drafts out); the draft-cost sweep
+    cell shows a sweep (bench.py --suite sweep) once one exists."""
     bench = tmp_path / "bench"
-    records = [bench_record("ar", 200.0), bench_record("sd", 300.0, parts={"draft": 1.0, "verify": 4.0}, predicted=310),
-               bench_record("ssd", 330.0, parts={"glue": 0.3, "tree": 2.0, "verify": 4.2}, predicted=340)]
-    for name, started in (("run_a", "2026-01-01 00:00:00 UTC"), ("draft_cost_x2", "2026-01-02 00:00:00 UTC")):
-        (bench / name).mkdir(parents=True)
-        (bench / name / "results.json").write_text(json.dumps(
-            {"config": {"device": "cuda:0", "gpus": ["NVIDIA H200"], "started": started}, "records": records}))
+    write_results(bench / "grid", "2026-01-01 00:00:00 UTC", [
+        bench_record("ar", 200.0), bench_record("sd", 300.0, parts={"draft": 1.0, "verify": 4.0}, predicted=310),
+        bench_record("ssd", 330.0, parts={"glue": 0.3, "tree": 2.0, "verify": 4.2}, predicted=340)])
+    sweep = [bench_record("ar", 1000.0, k=0, sweep=True, dw=1)]
+    for dw, (sd, ssd_) in {1: (1100.0, 550.0), 4: (700.0, 770.0)}.items():
+        sweep += [bench_record("sd", sd, k=2, sweep=True, dw=dw, k_used=2, predicted=sd,
+                               parts={"draft": 0.5 * dw, "verify": 1.0}),
+                  bench_record("ssd", ssd_, k=2, sweep=True, dw=dw, predicted=ssd_ * 1.1,
+                               parts={"glue": 0.3, "tree": 1.0 * dw, "verify": 1.0})]
+    write_results(bench / "sweep", "2026-01-02 00:00:00 UTC", sweep)
     out = run_gpu_cell("import json\n\nBENCH", bench, capsys)
     assert re.search(r"expanded +0 +200 +300 \(4\) +330 \(4\) +1\.10 +1\.65", out), out
-    out = run_gpu_cell("sweep_files", bench, capsys)
-    assert "draft_cost_x2/results.json: 1 configurations" in out
-    assert re.search(r"expanded +0 +1 +4 +0\.25 +1\.10 +1\.10 +1\.65", out), out
+    out = run_gpu_cell("def sweep_results", bench, capsys)
+    assert "sweep/results.json: 2 configurations" in out, out
+    assert re.search(r"0 +x1 +2 +0\.250 +0\.50 +0\.55 +0\.55", out), out
+    assert re.search(r"0 +x4 +2 +1\.000 +1\.10 +1\.21 +0\.77", out), out
