@@ -128,7 +128,7 @@ class Scheduler:
     """Owns the engine: one thread runs rounds, starts runs, admits and retires rows (module docstring)."""
 
     def __init__(self, engine, *, eos, k=4, max_new_tokens=64, max_batch=16, fan_out="auto", fan_out_budget=None,
-                 saguaro_c=1.0, backup="auto", batch_window=0.005, log=print):
+                 saguaro_c=1.0, backup="auto", batch_window=0.02, log=print):
         self.engine, self.eos, self.k = engine, list(eos), k
         self.max_new_tokens, self.max_batch = max_new_tokens, max_batch
         self.spec = dict(fan_out=fan_out, fan_out_budget=fan_out_budget, saguaro_c=saguaro_c, backup=backup)
@@ -789,8 +789,9 @@ def build_parser():
                    help="the model name clients send (default: the target checkpoint's directory name)")
     g.add_argument("--max-batch", type=int, default=16, metavar="N",
                    help="rows decoded together: concurrent requests share a batch of up to N (default 16)")
-    g.add_argument("--batch-window", type=float, default=5.0, metavar="MS",
-                   help="when idle, wait this long for more requests so that they start with one prefill (default 5)")
+    g.add_argument("--batch-window", type=float, default=20.0, metavar="MS",
+                   help="when idle, a request waits up to MS for others (until --max-batch are waiting), so that a "
+                        "burst starts with one batched prefill instead of one admit per request (default 20)")
     if "--max-context" not in have:   # cli.py may not have it yet
         g.add_argument("--max-context", type=int, metavar="N",
                        help="tokens per sequence (prompt + generated) the caches hold (default: the models' context "

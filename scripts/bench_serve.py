@@ -11,7 +11,8 @@ separate process (so that they do not take the server's interpreter lock), all s
 its answer: total tokens / the time from the first request to the last answer, and per request the time to the
 first token (TTFT), the mean time between streamed chunks per token (inter-token latency) and the end-to-end time.
 Each side is measured --repeats times after a warm-up; the median repeat is reported, and `ratio` is served /
-engine tokens per second (the goal: >= 0.8 with 16 clients).
+engine tokens per second (the goal: >= 0.8 with 16 clients). Then each prompt is generated alone by the engine:
+`greedy_equal_alone` counts the clients whose served text equals it (what `ssd_fast.py --prompt` prints).
 """
 import json
 import multiprocessing as mp
@@ -61,7 +62,7 @@ def _clients(url, model, prompt_ids, max_tokens, timeout):
         body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
         t0 = time.perf_counter()
-        chunks, usage, finish = [], None, None
+        chunks, text, usage, finish = [], [], None, None
         async with client.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
@@ -76,12 +77,13 @@ def _clients(url, model, prompt_ids, max_tokens, timeout):
                 for c in msg["choices"]:
                     if c.get("text"):
                         chunks.append(time.perf_counter())
+                        text.append(c["text"])
                     finish = c.get("finish_reason") or finish
         t_end = time.perf_counter()
         tokens = usage["completion_tokens"]
         return {"tokens": tokens, "ttft_s": chunks[0] - t0 if chunks else None, "e2e_s": t_end - t0,
                 "itl_s": (chunks[-1] - chunks[0]) / (tokens - 1) if len(chunks) > 1 and tokens > 1 else None,
-                "chunks": len(chunks), "finish_reason": finish, "t0": t0, "t_end": t_end,
+                "chunks": len(chunks), "finish_reason": finish, "t0": t0, "t_end": t_end, "text": "".join(text),
                 "speculative": usage.get("speculative")}
 
     async def run():
@@ -120,8 +122,9 @@ def run_clients(url, model, prompt_ids, max_tokens, timeout=600.0, in_process=Fa
 
 # --- the measurement ---
 
-def bench(scheduler, cfg, prompt_ids, max_tokens, repeats=3, in_process_clients=False, log=print):
-    """Engine batch-N, then N streaming clients on the server (same engine, idle between the two)."""
+def bench(scheduler, cfg, prompt_ids, max_tokens, repeats=3, in_process_clients=False, check_alone=True, log=print):
+    """Engine batch-N, then N streaming clients on the server (same engine, idle between the two); with
+    check_alone, the engine also generates each prompt alone and the last served texts are compared to those."""
     engine, n = scheduler.engine, len(prompt_ids)
     settings = dict(mode=cfg.mode, k=scheduler.k, temperature=0.0, max_new_tokens=max_tokens, eos_token_id=[],
                     **scheduler.spec)
@@ -156,12 +159,20 @@ def bench(scheduler, cfg, prompt_ids, max_tokens, repeats=3, in_process_clients=
             log(f"served, {n} clients: {tokens} tokens in {res['wall_s']:.2f} s = "
                 f"{tokens / res['wall_s']:.1f} tok/s")
         load = scheduler.load()
+    matches = None
+    if check_alone:   # greedy through the server = each prompt alone (what `ssd_fast.py --prompt` prints)?
+        import cli
+        eos = set(cfg.eos)
+        alone = [cli.visible(cfg.tokenizer, engine.generate([p], **settings).tokens[0], eos, [])[0] for p in prompt_ids]
+        matches = sum(a == r["text"] for a, r in zip(alone, rows))
+        log(f"greedy texts equal to each prompt alone: {matches} of {n}")
     median = lambda runs: sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]   # noqa: E731
     eng, srv_ = median(engine_runs), median(served_runs)
     return {"clients": n, "max_tokens": max_tokens, "mode": cfg.mode, "k": scheduler.k if cfg.mode != "ar" else 0,
             "max_batch": scheduler.max_batch, "device": str(engine.device), "draft_device": str(engine.draft_device),
             "prompt_tokens": [len(p) for p in prompt_ids], "engine": eng, "served": srv_,
             "ratio": srv_["tokens_per_s"] / eng["tokens_per_s"], "goal": 0.8,
+            "batch_window_ms": scheduler.batch_window * 1000, "greedy_equal_alone": matches,
             "engine_repeats": engine_runs, "served_repeats": served_runs, "server_counters": load}
 
 
@@ -173,6 +184,8 @@ def build_parser():
     g.add_argument("--max-tokens", type=int, default=256, help="tokens per request, exactly (EOS ignored; 256)")
     g.add_argument("--repeats", type=int, default=3, help="measurements per side; the median is reported (3)")
     g.add_argument("--out", metavar="FILE", help="also write the JSON here")
+    g.add_argument("--no-check-alone", action="store_true",
+                   help="skip generating each prompt alone to compare the served greedy texts with")
     g.add_argument("--smoke", action="store_true",
                    help="a quick check of the logic on the CPU: the embedded pair, 4 clients, 6 tokens, 1 repeat")
     return ap
@@ -198,7 +211,8 @@ def main(argv=None):
     except (server.cli.UsageError, ValueError, FileNotFoundError) as e:
         log(f"error: {e}")
         return 2
-    result = bench(scheduler, cfg, prompts(cfg.tokenizer, args.clients), args.max_tokens, args.repeats, log=log)
+    result = bench(scheduler, cfg, prompts(cfg.tokenizer, args.clients), args.max_tokens, args.repeats,
+                   check_alone=not args.no_check_alone, log=log)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
