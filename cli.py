@@ -110,12 +110,21 @@ def build_parser(backend: str = "fast") -> argparse.ArgumentParser:
                             "GPU when one is visible (N+1 GPUs: what SSD's overlap wants), else on the target's first "
                             "GPU (said once). --gpus, if given, must be N (draft shares) or N+1. The attention heads "
                             "and KV heads must divide by N. Default 1")
+        g.add_argument("--max-context", type=int, metavar="N",
+                       help="the longest sequence (prompt + generated tokens) the engine makes room for: the KV caches "
+                            "are allocated for N tokens per row. Default: the longest prompt + --max-new-tokens + K's "
+                            "room (4096 for --interactive), never more than the models' context window (said on "
+                            "stderr). A 128K-context checkpoint thus gets 128K-token caches only when asked")
         g.add_argument("--linear", choices=["auto", "torch", "triton"], default="auto",
                        help="the projections of one-row decode steps on a GPU: auto (default) times cuBLAS against "
                             "the one-row Triton GEMV per projection at load and keeps the faster (with CUDA graphs); "
                             "torch: always cuBLAS; triton: always the Triton kernel")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights and activations (default auto: bfloat16 on a GPU, float32 on a CPU)")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for the models' math when they run on the CPU (default: half of the cores this "
+                        "process may use, at most 4, or $OMP_NUM_THREADS if set). More threads than idle cores make "
+                        "decoding much slower (on a busy 2-core machine, 2 threads ran 6-8x slower than 1)")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="run the fast engine's steps eagerly (slower; for debugging). The reference never uses "
                         "CUDA graphs and ignores it")
@@ -206,8 +215,12 @@ def check_args(args) -> None:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if any(s == "" for s in args.stop):
         raise UsageError("--stop needs a non-empty string")
-    if any(p == "" for p in args.prompt):
-        raise UsageError("--prompt is empty: give some text")
+    if any(not p.strip() for p in args.prompt):
+        raise UsageError("--prompt is empty (or only white space): give some text")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if getattr(args, "max_context", None) is not None and args.max_context < 2:
+        raise UsageError(f"--max-context must be >= 2 (tokens per sequence), got {args.max_context}")
     if args.interactive:
         if args.prompt or args.prompt_file:
             raise UsageError("--interactive reads its prompts from the terminal: drop --prompt / --prompt-file")
@@ -359,6 +372,7 @@ class Startup:
 
     def __init__(self, total: int, log):
         self.log_line, self.t0, self.stage, self.t_stage = log, time.perf_counter(), None, None
+        self.loaded, self.t_shown = {}, 0.0
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -374,11 +388,37 @@ class Startup:
     def _end_stage(self):
         if self.stage is None:
             return
+        seconds = time.perf_counter() - self.t_stage
         if self.bar is not None:
             self.bar.update(1)
         else:
-            self.log_line(f"  {self.stage}: {time.perf_counter() - self.t_stage:.1f} s")
-        self.stage = None
+            read = self._weights_line(final=True)
+            rate = sum(v[0] for v in self.loaded.values()) / seconds / 1e9 if seconds > 0 else 0
+            self.log_line(f"  {self.stage}: {seconds:.1f} s" + (f" ({read}, {rate:.2f} GB/s)" if read else ""))
+        self.stage, self.loaded = None, {}
+
+    def weights(self, name, rank, done, total, tensors, n_tensors):
+        """loader.Checkpoint's progress: bytes and tensors read, per model and tensor-parallel rank."""
+        self.loaded[(name, rank)] = (done, total, tensors, n_tensors)
+        now = time.perf_counter()
+        if self.bar is not None and (now - self.t_shown > 0.1 or done == total):
+            self.t_shown = now
+            self.bar.set_description_str(f"loading: {self.stage}: {self._weights_line()}")
+
+    def _weights_line(self, final=False) -> str:
+        """target 3.1/16.1 GB, 40/291 tensors; with ranks: their bytes too."""
+        out = []
+        for name in dict.fromkeys(n for n, _ in self.loaded):
+            ranks = sorted((r, v) for (n, r), v in self.loaded.items() if n == name)
+            done, total = sum(v[0] for _, v in ranks), sum(v[1] for _, v in ranks)
+            tensors, n_tensors = sum(v[2] for _, v in ranks), sum(v[3] for _, v in ranks)
+            line = (f"{name} {done / 1e9:.2f} GB, {tensors} tensors" if final else
+                    f"{name} {done / 1e9:.2f}/{total / 1e9:.2f} GB, {tensors}/{n_tensors} tensors")
+            if len(ranks) > 1:
+                line += " (" + ", ".join(f"rank {r} {v[0] / 1e9:.2f}" + ("" if final else f"/{v[1] / 1e9:.2f}")
+                                         + " GB" for r, v in ranks) + ")"
+            out.append(line)
+        return "; ".join(out)
 
     def log(self, *a):
         """Log a line without breaking the bar."""
@@ -473,6 +513,8 @@ def summary_line(summary: dict, decode_s: float, placement: Placement, backend: 
     rate = f"{n / decode_s:.1f} tok/s" if decode_s > 0 else "- tok/s"
     parts = [f"{n} tokens in {decode_s:.2f} s", rate, f"{summary['tokens_per_round']:.2f} tokens/round",
              f"prefill {summary['prefill_s']:.2f} s"]
+    if summary.get("load_s") is not None:
+        parts.append(f"load {summary['load_s']:.1f} s")
     if summary["acceptance_rate"] is not None:
         parts.append(f"acceptance {summary['acceptance_rate']:.2f}")
     if summary["cache_hit_rate"] is not None:
@@ -577,9 +619,8 @@ class Backend:
                 kw["max_seq"] = max_seq
             if placement.draft and (placement.draft != placement.target or placement.tp > 1):
                 kw["draft_device"] = placement.draft
-            if placement.tp > 1:   # each worker process loads the checkpoint itself
-                import tp
-                kw.update(tp=placement.tp, tp_loader=(tp.load_checkpoint, (str(target_dir),)))
+            if placement.tp > 1:   # each worker process streams its own slices of the checkpoint (loader.py)
+                kw["tp"] = placement.tp
             self.engine = ssd_fast.Engine(target, draft, **kw)
 
     def generate(self, prompts, **kw):
@@ -609,6 +650,75 @@ def resolve_models(args, log):
     if args.draft is None and args.mode != "ar":
         raise UsageError(f"--mode {args.mode} needs a draft: pass --draft DIR (or --mode ar)")
     return target_dir, (Path(args.draft).expanduser() if args.mode != "ar" else None), None
+
+
+def choose_context(args, backend, prompt_ids, target_cfg, draft_cfg, log) -> int:
+    """Tokens per sequence the fast engine's caches hold: --max-context, else what these prompts need (the
+    longest + --max-new-tokens + room for K), 4096 for --interactive; at most the models' context window."""
+    window = min(target_cfg.max_position_embeddings, draft_cfg.max_position_embeddings if draft_cfg else 1 << 30)
+    longest = max((len(p) for p in prompt_ids), default=0)
+    asked = getattr(args, "max_context", None)
+    if asked is not None:
+        if asked > window:
+            raise UsageError(f"--max-context {asked} is longer than the models' context window ({window} tokens): "
+                             f"use --max-context {window} or less")
+        k_room = args.k + 2 if args.mode != "ar" else 2
+        if prompt_ids and longest + k_room > asked:
+            raise UsageError(f"--max-context {asked} leaves no room for the longest prompt ({longest} tokens, plus "
+                             f"{k_room} for the lookahead): use --max-context {longest + k_room + args.max_new_tokens} "
+                             "or drop it")
+        return asked
+    if not prompt_ids:
+        context = min(window, 4096)
+        reason = "--interactive"
+    else:
+        context = min(window, longest + args.max_new_tokens + 2 * args.k + 8)
+        reason = f"the longest prompt, {longest} tokens, + --max-new-tokens {args.max_new_tokens} + room for K"
+    if backend == "fast":
+        log(f"context: {context} tokens per sequence ({reason}"
+            + (f"; the models allow {window}" if context < window else "") + "); --max-context N changes it")
+    return context
+
+
+def check_memory(args, placement, target_cfg, draft_cfg, dtype, batch, context, prompt_tokens, log, torch):
+    """The loader's estimate against the GPUs' memory; a UsageError saying what to change when it does not fit."""
+    import loader
+    first = torch.device(placement.target)
+    devices = {first.index + r for r in range(placement.tp)}
+    if placement.draft:
+        devices.add(torch.device(placement.draft).index)
+    free = torch.cuda.mem_get_info(first)[0]          # what other processes leave on the first GPU
+    gpu = min([free] + [torch.cuda.get_device_properties(i).total_memory for i in devices - {first.index}])
+    fan = args.fan_out if isinstance(args.fan_out, int) else None
+    k = args.k if args.mode != "ar" else 0
+    est = loader.estimate_memory(target_cfg, loader.dtype_bytes(dtype), placement.tp, batch, context, gpu,
+                                 draft=draft_cfg if args.mode != "ar" else None,
+                                 draft_shares=placement.draft == placement.target, k=k,
+                                 prompt_tokens=prompt_tokens,
+                                 branches=fan * (k + 1) if fan and args.mode == "ssd" else
+                                 (None if args.mode == "ssd" else 0))
+    if not est.fits:
+        raise UsageError(est.message)
+    log(est.message)
+
+
+def open_checkpoints(target_dir, draft_dir, tok, startup):
+    """loader.Checkpoint handles (headers only: no weights read) for the fast engine, and the draft's tokenizer
+    checked against the target's (as ssd.load_pair does)."""
+    import embedded
+    import loader
+    target = loader.Checkpoint(target_dir, progress=startup.weights, name="target")
+    draft = None
+    if draft_dir is not None:
+        draft = loader.Checkpoint(draft_dir, shared_embedding_from=target, progress=startup.weights, name="draft")
+        same_dir = draft_dir.resolve() == target_dir.resolve()
+        if not same_dir and any((draft_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            startup("draft tokenizer check")
+            probe = "Speculative decoding, 1234 ünïcödé {code: [x]}"
+            if embedded.load_tokenizer(draft_dir).encode(probe) != tok.encode(probe):
+                raise ValueError("the draft's tokenizer differs from the target's: use a draft with the same "
+                                 "vocabulary")
+    return target, draft
 
 
 def read_model_config(path: Path, flag: str):
@@ -643,6 +753,8 @@ def run(argv=None, backend: str = "fast") -> int:
             raise UsageError("--k auto measures the fast engine's step times: use ssd_fast.py, or give --k N")
         placement = choose_devices(args, backend, torch)
         device = placement.target
+        if device == "cpu":
+            torch.set_num_threads(cpu_threads(args.threads, torch))
         return _main(args, backend, placement, log)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         log(f"error: {e}")
@@ -662,6 +774,22 @@ def run(argv=None, backend: str = "fast") -> int:
         log(f"error: out of memory on {device}: try --dtype bfloat16, a smaller --max-new-tokens or fewer "
             f"prompts, or --device cpu")
         return 3
+
+
+def cpu_threads(requested, torch) -> int:
+    """--threads, else $OMP_NUM_THREADS (torch already follows it), else half the usable cores, at most 4: decoding
+    a batch of one is a chain of small products that gains little from more threads, and threads that find no
+    idle core wait on each other (measured on a busy 2-core machine, the embedded pair: 1 thread 2.0-2.5 s of
+    decoding, 2 threads 15-20 s)."""
+    if requested:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:      # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores // 2, torch.get_num_threads()))
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -708,29 +836,35 @@ def _main(args, backend, placement, log) -> int:
             if not ids:
                 raise UsageError(f"prompt {i + 1} encodes to no tokens: give some text")
         ssd.make_request(spec_t, prompt_ids, spec_d, **settings)
-    max_ctx = min(target_cfg.max_position_embeddings, draft_cfg.max_position_embeddings if draft_cfg else 1 << 30)
-    if prompt_ids:   # the fast engine's caches: as long as this run needs, not the whole context window
-        max_seq = min(max_ctx, max(len(p) for p in prompt_ids) + args.max_new_tokens + 2 * args.k + 8)
-    else:
-        max_seq = min(max_ctx, 4096)
+    max_seq = choose_context(args, backend, prompt_ids, target_cfg, draft_cfg, log)
+    on_gpu = placement.target != "cpu"
+    if backend == "fast" and on_gpu:      # will it fit? From the configs, before any weight is read
+        dtype = placement.dtype or torch.bfloat16
+        check_memory(args, placement, target_cfg, draft_cfg, dtype, max(1, len(prompt_ids)), max_seq,
+                     max((len(p) for p in prompt_ids), default=max_seq), log, torch)
 
     # Load: weights, device, CUDA graphs.
-    on_gpu = placement.target != "cpu"
     if on_gpu:
         torch.cuda.set_device(torch.device(placement.target))
     warm_up = backend == "fast" and on_gpu and not args.no_cuda_graphs
-    stages = 1 + (draft_dir is not None) + (backend == "fast") + warm_up
+    stages = 1 + (draft_dir is not None and backend == "reference") + warm_up
     if draft_dir is not None and draft_dir.resolve() != target_dir.resolve() and any(
             (draft_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         stages += 1
     startup = Startup(stages, log)
     try:
-        target, draft, _, _ = ssd.load_pair(str(target_dir), str(draft_dir) if draft_dir else None, args.mode,
-                                            dtype=placement.dtype if backend == "reference" else torch.float32,
-                                            device="cpu", log=startup.log, progress=startup, tokenizer=tok)
-        if backend == "fast":
-            startup(f"moving weights to {placement.target}")
+        if backend == "fast":     # streamed from disk to the device in the engine's dtype (loader.py)
+            target, draft = open_checkpoints(target_dir, draft_dir, tok, startup)
+            startup(f"weights to {placement.target_devices()}")
+        t_load = time.perf_counter()
+        if backend == "reference":
+            target, draft, _, _ = ssd.load_pair(str(target_dir), str(draft_dir) if draft_dir else None, args.mode,
+                                                dtype=placement.dtype, device="cpu", log=startup.log,
+                                                progress=startup, tokenizer=tok)
         engine = Backend(backend, target, draft, placement, args, startup.log, max_seq=max_seq, target_dir=target_dir)
+        load = {"seconds": round(time.perf_counter() - t_load, 3)}
+        if backend == "fast":
+            load.update(target=target.loads, draft=draft.loads if draft is not None else [])
         if args.k_auto and args.mode != "ar":
             k, budget, table = engine.engine.choose_lookahead(max(1, len(prompt_ids)), args.mode, k_max=K_AUTO_MAX)
             args.k = settings["k"] = k
@@ -752,7 +886,7 @@ def _main(args, backend, placement, log) -> int:
                        + (f", draft {draft_dir.name}" if draft_dir else "")
                        + f", {str(dtype).removeprefix('torch.')}, mode {args.mode}"
                        + (f" K={args.k}" if args.mode != "ar" else "") + ", chat template " + ("on" if chat else "off")
-                       + "; ready")
+                       + f"; weights loaded in {load['seconds']:.1f} s; ready")
     finally:
         startup.close()
     # EOS: the config's and generation_config's (load_model merges them) and the tokenizer's.
@@ -792,7 +926,7 @@ def _main(args, backend, placement, log) -> int:
                for (_, _, hit), reason in zip(rows, result.finish_reasons)]
     summary = result.summary()
     decode_s = decode_seconds(result)
-    summary.update(decode_s=round(decode_s, 6),
+    summary.update(load_s=load["seconds"], decode_s=round(decode_s, 6),
                    tokens_per_s=round(summary["generated_tokens"] / decode_s, 3) if decode_s > 0 else None)
     if args.profile:
         Path(args.profile).expanduser().write_text(json.dumps(chrome_trace(
@@ -802,7 +936,8 @@ def _main(args, backend, placement, log) -> int:
         print(json.dumps({"prompts": prompts_text, "prompt_ids": prompt_ids, "token_ids": token_ids, "text": texts,
                           "finish_reasons": reasons, "stats": summary,
                           "rounds": [dataclasses.asdict(r) for r in result.rounds], "devices": devices,
-                          "models": models, "backend": backend, "chat": chat,
+                          "models": models, "backend": backend, "chat": chat, "load": load,
+                          "max_context": max_seq if backend == "fast" else None,
                           "settings": settings}))
     elif single:
         streamer.finish(texts[0])

@@ -1,6 +1,7 @@
 """Tensor parallelism for the fast engine's target: one model split over N processes (one GPU each).
 
-    Engine(target, draft, tp=2, tp_loader=(ssd.load_model, (path,)))   # ssd_fast.py builds a TPTarget
+    Engine(loader.Checkpoint(path), draft, tp=2)                        # each rank streams its own slices
+    Engine(target, draft, tp=2, tp_loader=(ssd.load_model, (path,)))   # each rank loads the whole model, slices
 
 Why: a target too large or too slow for one GPU (the paper runs a 70B target on 4 GPUs) is split so that
 each GPU reads 1/N of the weights per token. The split is Megatron-LM's (Shoeybi et al. 2019, "Megatron-LM:
@@ -21,6 +22,11 @@ Training Multi-Billion Parameter Language Models Using Model Parallelism", secti
 Each rank's share is itself a small transformer (fewer heads, fewer MLP units, a slice of the
 vocabulary): `shard_model` builds it as an ssd.Transformer, `ssd_fast.FastModel` lays it out (fused
 weights on the device) and `TPShard` runs the forward with the collectives between the local pieces.
+
+Loading. Given a loader.Checkpoint, every rank (rank 0 and the workers, at the same time) streams only its
+own slices of each tensor from the safetensors files straight to its GPU (loader.py, with `spans` below), and
+the workers report their progress to rank 0. Given an ssd.Transformer, each worker rebuilds the whole model
+with `tp_loader` and keeps its shard (`shard_model`): simple, but every rank holds the whole model on the host.
 
 Processes. Rank 0 is the Engine's own process: it owns the draft, sampling, verify and the speculation
 cache. Ranks 1..N-1 are worker processes it spawns; each builds the target itself with a picklable loader
@@ -186,11 +192,17 @@ class TPShard:
     """Rank `rank` of `world`: the local weights (a FastModel of the rank's share) and the forward of the
     whole model, whose collectives every rank runs in the same order. `cfg` is the FULL config."""
 
-    def __init__(self, model: ssd.Transformer, rank: int, world: int, device, dtype, ops: ssd_fast.Ops):
+    def __init__(self, model, rank: int, world: int, device, dtype, ops: ssd_fast.Ops, local=None):
+        """`model`: an ssd.Transformer to shard here, or a loader.Checkpoint whose rank's share `local` (a FastModel)
+        was streamed already."""
         self.cfg, self.rank, self.world = model.cfg, rank, world
         self.device, self.dtype, self.ops = torch.device(device), dtype, ops
-        self.n_params = sum(p.numel() for p in model.parameters())
-        self.local = ssd_fast.FastModel(shard_model(model, rank, world), self.device, dtype, ops)
+        if local is None:
+            self.n_params = sum(p.numel() for p in model.parameters())
+            local = ssd_fast.FastModel(shard_model(model, rank, world), self.device, dtype, ops)
+        else:
+            self.n_params = model.n_params
+        self.local = local
         # Row-parallel biases leave the local linears: added once, to the all-reduced sum.
         self.row_bias = [(L.pop("bo"), L.pop("b_down")) for L in self.local.layers]
         for L in self.local.layers:
@@ -278,9 +290,12 @@ class TPTarget(TPShard):
     for the target: same `forward(tokens, positions, cache, tree=None)` and `new_cache(...)`, `cfg` the full
     config. Every call is mirrored on the workers (see the module docstring); `close()` stops them."""
 
-    def __init__(self, target: ssd.Transformer, world: int, loader=None, device="cpu", dtype=torch.float32,
+    def __init__(self, target, world: int, loader=None, device="cpu", dtype=torch.float32,
                  ops: ssd_fast.Ops | None = None, cuda_graphs=True, log=print):
+        """`target`: an ssd.Transformer (every worker rebuilds it with `loader`, then keeps its shard), or a
+        loader.Checkpoint (every rank, this one included, streams only its own slices, all at once)."""
         device = torch.device(device)
+        streamed = _is_streamed(target)
         on_gpu = device.type == "cuda"
         if on_gpu and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -292,7 +307,9 @@ class TPTarget(TPShard):
         if dist.is_available() and dist.is_initialized():
             raise RuntimeError("this process already has a torch.distributed group (another tensor-parallel engine?): "
                                "close() it first; one tensor-parallel target per process")
-        if loader is None:
+        if streamed:
+            loader = target
+        elif loader is None:
             if target.device.type != "cpu":
                 raise ValueError("tp > 1 needs tp_loader=(function, args) building the target in each worker when "
                                  "the target given is not on the CPU")
@@ -301,7 +318,8 @@ class TPTarget(TPShard):
         self.closed, self.failure, self._watcher = False, None, None
         self._capture, self._graph_count, self._cache_count = None, 0, 0
         self._runners = weakref.WeakSet()
-        self._workers, self._commands, self._reports = [], [], []
+        self._workers, self._commands, self._reports, self._pending = [], [], [], {}
+        self._progress = getattr(target, "progress", None) if streamed else None
         self._rendezvous_dir = tempfile.mkdtemp(prefix="ssd-tp-")
         backend = "nccl" if on_gpu else "gloo"
         timeout = datetime.timedelta(seconds=600 if on_gpu else 120)
@@ -309,8 +327,10 @@ class TPTarget(TPShard):
         if on_gpu:
             torch.cuda.set_device(device)
         atexit.register(_close_at_exit, weakref.ref(self))
+        ops = ops or ssd_fast.Ops(use_triton=on_gpu)
+        local = None
         try:
-            own_print = fingerprint(target, dtype)
+            own_print = target.fingerprint() if streamed else fingerprint(target, dtype)
             ctx = mp.get_context("spawn")
             for rank in range(1, world):
                 commands_in, commands_out = ctx.Pipe(duplex=False)
@@ -322,13 +342,21 @@ class TPTarget(TPShard):
                 proc.start()
                 commands_in.close(), reports_out.close()     # the child's ends: EOF when the other side dies
                 self._workers.append(proc), self._commands.append(commands_out), self._reports.append(reports_in)
-            for rank, (print_,) in enumerate(self._wait_for("loaded"), start=1):
+            if streamed:     # rank 0 streams its slices while the workers stream theirs
+                target.progress = self._progress_and_workers
+                try:
+                    local = target.fast_shard(0, world, device, dtype, ops)
+                finally:
+                    target.progress = self._progress
+            for rank, (print_, *stats) in enumerate(self._wait_for("loaded"), start=1):
                 if print_ != own_print:
                     raise ValueError(f"tp rank {rank}'s loader built another target than the one given to the "
                                      "Engine (its weights differ): tp_loader must rebuild exactly the same model")
+                if streamed:
+                    target.loads.extend(stats)
             dist.init_process_group(backend, init_method=init, rank=0, world_size=world, timeout=timeout,
                                     **({"device_id": device} if on_gpu else {}))
-            super().__init__(target, 0, world, device, dtype, ops or ssd_fast.Ops(use_triton=on_gpu))
+            super().__init__(target, 0, world, device, dtype, ops, local=local)
             self._wait_for("ready")
             _check_link(self.device, world)
         except BaseException:
@@ -362,8 +390,8 @@ class TPTarget(TPShard):
         with ssd_fast.on_device(self.device):      # Triton launches and streams use the current device
             return self._forward(cache, shape, tokens, positions)
 
-    def capture(self, fn, inputs: dict, pool) -> ssd_fast.Graphed:
-        """ssd_fast.Graphed(fn, inputs, pool) with the workers capturing the same forward alongside."""
+    def capture(self, fn, inputs: dict, pool, generators=()) -> ssd_fast.Graphed:
+        """ssd_fast.Graphed(fn, inputs, pool, generators) with the workers capturing the same forward alongside."""
         capture = _Capture(self._graph_count)
         self._graph_count += 1
 
@@ -372,7 +400,7 @@ class TPTarget(TPShard):
             return fn(**kw)
         self._capture = capture
         try:
-            graph = ssd_fast.Graphed(counted, inputs, pool)
+            graph = ssd_fast.Graphed(counted, inputs, pool, generators)
         finally:
             self._capture = None
         if capture.forwards not in (0, capture.calls):
@@ -414,22 +442,43 @@ class TPTarget(TPShard):
         out = []
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         for rank, (proc, conn) in enumerate(zip(self._workers, self._reports), start=1):
-            while not conn.poll(0.2):
-                if not proc.is_alive():
-                    raise RuntimeError(f"tensor-parallel worker rank {rank} exited (code {proc.exitcode}) before it "
-                                       f"was {what}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"tensor-parallel worker rank {rank} was not {what} after {LOAD_TIMEOUT_S} s")
-            try:
-                message = conn.recv()
-            except EOFError:
-                raise RuntimeError(f"tensor-parallel worker rank {rank} exited before it was {what}") from None
+            message = self._pending.pop(rank, None)
+            while message is None:
+                while not conn.poll(0.2):
+                    if not proc.is_alive():
+                        raise RuntimeError(f"tensor-parallel worker rank {rank} exited (code {proc.exitcode}) before "
+                                           f"it was {what}")
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"tensor-parallel worker rank {rank} was not {what} after {LOAD_TIMEOUT_S} s")
+                try:
+                    message = conn.recv()
+                except EOFError:
+                    raise RuntimeError(f"tensor-parallel worker rank {rank} exited before it was {what}") from None
+                if message[0] == "progress":       # a streaming worker's loading progress
+                    if self._progress is not None:
+                        self._progress(*message[1:])
+                    message = None
             if message[0] == "error":
                 raise RuntimeError(f"tensor-parallel worker rank {rank} failed:\n{message[1]}")
             if message[0] != what:
                 raise RuntimeError(f"tensor-parallel worker rank {rank}: expected {what!r}, got {message[0]!r}")
             out.append(message[1:])
         return out
+
+    def _progress_and_workers(self, *progress):
+        """Rank 0's loading progress, and the workers' reported meanwhile (their other reports wait in _pending)."""
+        if self._progress is not None:
+            self._progress(*progress)
+        for rank, conn in enumerate(self._reports, start=1):
+            while rank not in self._pending and conn.poll(0):
+                try:
+                    message = conn.recv()
+                except EOFError:
+                    break
+                if message[0] != "progress":
+                    self._pending[rank] = message
+                elif self._progress is not None:
+                    self._progress(*message[1:])
 
     def _watch(self):
         """Reports a worker's error or death while the engine runs (the next header send raises it)."""
@@ -504,7 +553,7 @@ class TPRunner(ssd_fast.Runner):
             if not self.use_graphs:
                 return fn(**inputs)       # eager: every forward sends its own header
             if key not in self.graphs:
-                self.graphs[key] = self.model.capture(fn, inputs, self.pool)
+                self.graphs[key] = self.model.capture(fn, inputs, self.pool, self.generators)
             return self.model.replay(self.graphs[key], inputs)
 
 
@@ -523,7 +572,8 @@ def choose_draft_device(device, world, log):
 
 
 def load_checkpoint(path: str) -> ssd.Transformer:
-    """A picklable loader for a checkpoint directory: the target on the CPU in float32, as the CLI loads it."""
+    """A picklable loader for a checkpoint directory: the whole target on the CPU in float32 (the CLI now
+    passes a loader.Checkpoint instead, whose ranks read only their slices)."""
     return ssd.load_model(path, dtype=torch.float32, device="cpu")
 
 
@@ -543,12 +593,19 @@ def _worker_main(rank, world, init, backend, timeout, loader, where, dtype, use_
         else:
             torch.set_num_threads(1)           # ranks share the CPU's cores
         with torch.no_grad():
-            model = _call(loader)
-            reports.send(("loaded", fingerprint(model, dtype)))
+            ops, local = ssd_fast.Ops(use_triton=device.type == "cuda"), None
+            if _is_streamed(loader):     # only this rank's slices, straight to its device
+                model = loader
+                model.progress = lambda *progress: reports.send(("progress", *progress))
+                local = model.fast_shard(rank, world, device, dtype, ops)
+                reports.send(("loaded", model.fingerprint(), model.loads[-1]))
+            else:
+                model = _call(loader)
+                reports.send(("loaded", fingerprint(model, dtype)))
             dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=timeout,
                                     **({"device_id": device} if device.type == "cuda" else {}))
-            shard = TPShard(model, rank, world, device, dtype, ssd_fast.Ops(use_triton=device.type == "cuda"))
-            del model
+            shard = TPShard(model, rank, world, device, dtype, ops, local=local)
+            del model, local
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -623,6 +680,11 @@ def _destroy_group(timeout_s: float = 15.0):
     done = threading.Thread(target=dist.destroy_process_group, daemon=True)
     done.start()
     done.join(timeout_s)
+
+
+def _is_streamed(model) -> bool:
+    """A loader.Checkpoint (streams each rank's slices) rather than a model or a (function, args) loader."""
+    return hasattr(model, "fast_shard")
 
 
 def _call(loader):

@@ -447,7 +447,8 @@ BAD = [
     (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
     (["--mode", "fast"], "argument --mode: invalid choice"), (["--dtype", "int8"], "argument --dtype: invalid choice"),
     (["--prompt", None], "nothing to do: give --prompt TEXT, --prompt-file FILE or --interactive"),
-    (["--prompt", ""], "--prompt is empty"), (["--stop", ""], "--stop needs a non-empty string"),
+    (["--prompt", ""], "--prompt is empty"), (["--prompt", " \t\n "], "--prompt is empty (or only white space)"),
+    (["--stop", ""], "--stop needs a non-empty string"), (["--threads", "0"], "--threads must be >= 1"),
     (["--prompt", None, "--prompt-file", "/no/prompts.txt"], "--prompt-file /no/prompts.txt does not exist"),
     (["--prompt", None, "--prompt-file", "{gpt2}/config.json", "--interactive", True], "--interactive reads its"),
     (["--prompt", None, "--interactive", True, "--json", True], "--interactive and --json do not go together"),
@@ -593,3 +594,75 @@ def test_concurrent_flag_runs_the_draft_on_its_worker(tiny_dirs, capsys):
                           "--max-new-tokens", "8", "--no-chat", "--concurrent", backend="fast")
     assert overlapped["token_ids"] == plain["token_ids"]
     assert "wait_draft" in overlapped["stats"]["time_s"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: the streaming loader, the context the caches hold, the memory check, CPU threads
+# ---------------------------------------------------------------------------------------------
+
+def test_fast_cli_streams_the_weights_and_reports_the_load(tiny_dirs, capsys):
+    out = run_json(capsys, "--prompt", "hi", *pair(tiny_dirs, "draft"), "--max-new-tokens", "4", backend="fast")
+    load = out["load"]
+    assert load["seconds"] > 0 and out["stats"]["load_s"] == load["seconds"]
+    assert [r["name"] for r in load["target"] + load["draft"]] == ["target", "draft"]
+    assert load["target"][0]["bytes"] > 0 and load["target"][0]["tensors"] == 21    # 2 layers x 9 + embedding, norm, LM head
+    rc, text, err = run_cli(capsys, "--prompt", "hi", *pair(tiny_dirs), "--max-new-tokens", "4", backend="fast")
+    assert rc == 0 and ", load " in text.splitlines()[-1]
+    assert "weights to cpu:" in err and "GB/s" in err     # the stage line (not a terminal): time, bytes, speed
+
+
+def test_max_context_default_is_said_and_can_be_changed(tiny_dirs, capsys):
+    rc, out, err = run_cli(capsys, "--prompt", "hi", *pair(tiny_dirs), "--max-new-tokens", "4", "--json",
+                           backend="fast")
+    longest = max(len(p) for p in json.loads(out)["prompt_ids"])
+    want = min(64, longest + 4 + 2 * 4 + 8)                                    # the target's window is 64
+    assert json.loads(out)["max_context"] == want and f"context: {want} tokens per sequence" in err
+    assert "--max-context N changes it" in err
+    out = run_json(capsys, "--prompt", "hi", *pair(tiny_dirs), "--max-new-tokens", "40", "--max-context", "20",
+                   "--no-chat", backend="fast")
+    assert out["max_context"] == 20 and out["finish_reasons"] == ["context"]
+    assert len(out["prompt_ids"][0]) + len(out["token_ids"][0]) <= 20
+    for flags, message in [(["--max-context", "65"], "--max-context 65 is longer than the models' context window "
+                                                     "(64 tokens)"),
+                           (["--max-context", "5"], "--max-context 5 leaves no room for the longest prompt")]:
+        rc, out, err = run_cli(capsys, "--prompt", "hi", *pair(tiny_dirs), *flags, backend="fast")
+        assert rc == 2 and message in err and err.count("error") == 1
+
+
+def test_threads_flag_and_default(tiny_dirs, capsys, monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        rc, _, _ = run_cli(capsys, "--prompt", "hi", *pair(tiny_dirs), "--max-new-tokens", "2", "--threads", "1",
+                           backend="fast")
+        assert rc == 0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    fake = SimpleNamespace(get_num_threads=lambda: 64)
+    for cores, want in [(1, 1), (2, 1), (4, 2), (8, 4), (64, 4)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert cli.cpu_threads(None, fake) == want
+    assert cli.cpu_threads(3, fake) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    assert cli.cpu_threads(None, fake) == 64          # torch already follows $OMP_NUM_THREADS
+    rc, out, _ = run_cli(capsys, "--help", backend="fast")
+    assert "--threads N" in out and "--max-context N" in out
+
+
+def test_memory_check_refuses_what_does_not_fit(monkeypatch):
+    """The CLI's check on stand-in GPUs of 141 GB: a 70B-shaped target is refused on one GPU (before any weight
+    is read, with what to change) and accepted over four."""
+    from test_loader import LLAMA_70B
+    cfg = ssd.ModelConfig.from_dict(LLAMA_70B)
+    fake = _fake_torch(8)
+    fake.cuda.mem_get_info = lambda device: (141_000_000_000, 141_000_000_000)
+    fake.cuda.get_device_properties = lambda i: SimpleNamespace(total_memory=141_000_000_000)
+    fake.device = torch.device
+    args = SimpleNamespace(fan_out="auto", mode="ar", k=4)
+    lines = []
+    with pytest.raises(cli.UsageError, match=r"does not fit in GPU memory: target: 141.1 GB of weights .* Try: --tp 2"):
+        cli.check_memory(args, cli.Placement("cuda:0", None, None), cfg, None, torch.bfloat16, 1, 4096, 20,
+                         lines.append, fake)
+    cli.check_memory(args, cli.Placement("cuda:0", None, None, tp=4), cfg, None, torch.bfloat16, 1, 4096, 20,
+                     lines.append, fake)
+    assert lines and lines[0].startswith("memory check: target rank 0: 35.3 GB of weights")
