@@ -776,6 +776,17 @@ def build_parser():
     """The CLI's parser (every model, mode, device and decoding flag) plus the serving flags."""
     ap = cli.build_parser("fast")
     ap.prog = "ssd_fast.py --serve"
+    ap.description = ("An OpenAI-compatible HTTP server for the fast engine (AR, SD, SSD), with streaming and "
+                      "continuous batching. The model, mode, device and decoding flags are the command line's; the "
+                      "decoding flags are the defaults of requests that leave them out.")
+    ap.epilog = """\
+examples:
+  %(prog)s                                        the embedded pair, SSD, http://127.0.0.1:8000/v1
+  %(prog)s --mode sd --port 8080 --max-new-tokens 512 --max-batch 32
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi!"}], "stream": true}'
+
+exit status: 0 stopped (Ctrl-C or SIGTERM: the requests in progress finish first), 2 bad flags."""
     ap.set_defaults(seed=None)   # a request without a seed gets a fresh one (unless --seed gives a default)
     have = {s for a in ap._actions for s in a.option_strings}
     g = ap.add_argument_group("serving (ssd_fast.py --serve)")
@@ -872,9 +883,9 @@ def load(args, log):
                       max_context=engine.max_seq, max_new_tokens=args.max_new_tokens, mode=args.mode,
                       modes=("ar", "sd", "ssd") if draft is not None else ("ar",), temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stops=tuple(args.stop))
-    log(f"server: {cfg.model_name} on {placement.target_devices()}" + (f" + {placement.draft}" if placement.draft
-                                                                         and placement.draft != placement.target else "")
-        + f", mode {args.mode}" + (f" K={args.k}" if args.mode != "ar" else "") + f", batches of up to {args.max_batch}"
+    draft_on = f" + {placement.draft}" if placement.draft and placement.draft != placement.target else ""
+    log(f"server: {cfg.model_name} on {placement.target_devices()}{draft_on}, mode {args.mode}"
+        + (f" K={args.k}" if args.mode != "ar" else "") + f", batches of up to {args.max_batch}"
         + f", context {engine.max_seq} tokens; loaded in {time.perf_counter() - t0:.1f} s")
     return scheduler, cfg
 
