@@ -1192,5 +1192,8 @@ class _Timer:
 if __name__ == "__main__":  # the command line, shared with ssd.py: python ssd_fast.py --help
     import sys
 
+    if "--serve" in sys.argv[1:]:   # the OpenAI-compatible HTTP server: python ssd_fast.py --serve --help
+        import server
+        sys.exit(server.main(sys.argv[1:]))
     import cli
     sys.exit(cli.run(sys.argv[1:], backend="fast"))

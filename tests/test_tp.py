@@ -1,7 +1,6 @@
 """The tensor-parallel target (tp.py) computes what the one-process target computes: logits to float32
 rounding, greedy tokens of AR, SD and SSD token for token, continuous batching's admits. On a CPU the ranks
 are processes talking through gloo; marked `gpu`, NCCL with CUDA graphs (skipped without enough GPUs)."""
-import json
 import subprocess
 import sys
 
@@ -264,22 +263,6 @@ def test_cli_tp_flags(capsys):
     assert rc == 2 and "unrecognized arguments: --tp" in capsys.readouterr().err
     rc = cli.run(["--help"], backend="fast")
     assert rc == 0 and "--tp N" in capsys.readouterr().out
-
-
-# --- the benchmark's smoke mode -------------------------------------------------------------------
-
-def test_bench_tp_smoke(tmp_path, engines):
-    engines.close()
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_tp.py"), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
-    ok = {(r["tp"], r["mode"]) for r in results["records"] if r["status"] == "ok"}
-    assert ok == {(t, m) for t in (1, 2) for m in ("ar", "sd", "ssd")}
-    skipped = [r for r in results["records"] if r["status"] == "skipped"]
-    assert skipped and all(r["tp"] == 3 and "not both divisible by 3" in r["note"] for r in skipped)
-    table = (tmp_path / "results.md").read_text()
-    assert "| ssd |" in table and "SMOKE" in table
 
 
 # --- on GPUs (NCCL, CUDA graphs) ------------------------------------------------------------------
