@@ -16,8 +16,8 @@ How the work is shared (one engine, one device):
     (_Run.stop), and its row takes the next request.
   * Which requests share a run: the engine has one sampling filter (top_k, top_p), one mode, one EOS list and one
     random stream per run, and a temperature per row. So requests share a run when their mode and ignore_eos are
-    equal and, for T > 0, their top_k and top_p equal the run's; a greedy request (T = 0) joins any run of its mode
-    (argmax is the same under every filter). Admission is first come, first served: when the oldest waiting request
+    equal and, for T > 0, their top_k and top_p equal the run's (a run started by greedy requests alone has no
+    filter); a greedy request (T = 0) joins any run of its mode (argmax is the same under every filter). Admission is first come, first served: when the oldest waiting request
     cannot join the running batch, no later one jumps ahead of it; the batch finishes its rows and the next run
     starts with that request (and every compatible one behind it).
   * Seeds: with a seed and T > 0 a request runs in a run of its own (batch of one, seeded with its seed, nobody

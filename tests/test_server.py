@@ -375,3 +375,81 @@ def test_bench_serve_logic(pair):
     assert out["ratio"] > 0 and out["served"]["ttft_s"]["max"] > 0 and out["served"]["itl_ms"]["mean"] > 0
     assert out["greedy_equal_alone"] == 2
     json.dumps(out)
+
+
+class _FakeRun:
+    """What the scheduler uses of ssd_fast._Run, without a model: each round appends one token to every active row."""
+
+    def __init__(self, prompts, max_new_tokens, **settings):
+        self.prompts, self.max_new, self.settings, self.rounds = [list(p) for p in prompts], max_new_tokens, settings, []
+        self.tokens = [[] for _ in prompts]
+        self.finish = [None] * len(prompts)
+        self.admitted = []
+
+    def rounds_iter(self):
+        while not all(self.finish):
+            active = [f is None for f in self.finish]
+            for b, on in enumerate(active):
+                if on:
+                    self.tokens[b].append(b)
+                    self.finish[b] = "length" if len(self.tokens[b]) >= self.max_new else None
+            yield ssd.RoundStats(accepted=[0] * len(active), active=active)
+
+    def admit(self, prompt, temperature=None):
+        b = self.finish.index(next(f for f in self.finish if f is not None))
+        self.prompts[b], self.tokens[b], self.finish[b] = list(prompt), [], None
+        self.admitted.append(list(prompt))
+        return b
+
+    def stop(self, rows, reason="stop"):
+        for b in rows:
+            self.finish[b] = self.finish[b] or reason
+
+    def result(self):
+        return ssd.GenerationResult(tokens=[list(t) for t in self.tokens], finish_reasons=self.finish, rounds=[],
+                                    mode="ar", k=0)
+
+
+class _FakeEngine:
+    max_seq, on_gpu = 100, False
+
+    def __init__(self):
+        self.runs = []
+
+    def start(self, prompts, **kw):
+        self.runs.append(_FakeRun(prompts, **kw))
+        return self.runs[-1]
+
+
+def test_batching_policy():
+    """Who shares a run: greedy requests join any run of their mode; sampling ones need the run's top_k / top_p; a
+    seeded sampling request runs alone with its seed; first come, first served (nobody joins past a request that
+    waits); requests arriving mid-run join it between rounds; each leaves at its own max_tokens."""
+    engine = _FakeEngine()
+    sch = server.Scheduler(engine, eos=[0], max_new_tokens=8, max_batch=4, log=lambda *a: None)
+
+    def job(i, **kw):
+        return server.Job(prompt=[i], max_tokens=3 + i % 2, mode="ar", **kw)
+
+    def run_until_idle(*late):
+        """Serve what is pending; `late` arrives after the first round."""
+        while sch.batch is not None or sch.pending:
+            sch._schedule()
+            if sch.batch is not None:
+                sch._round()
+                sch.pending.extend(late)
+                late = ()
+    sch.pending.extend([job(1), job(2, temperature=1.0, top_p=0.9), job(3, temperature=1.0, top_p=0.5), job(4),
+                        job(5, temperature=0.7, seed=3)])
+    run_until_idle(job(6))
+    prompts = [r.prompts[:2] for r in engine.runs]
+    assert prompts == [[[1], [2]], [[3], [4]], [[5]], [[6], [6]]]   # 4 waited behind 3, and 6 behind them all
+    assert [r.settings["top_p"] for r in engine.runs] == [0.9, 0.5, 1.0, 1.0]
+    assert [len(r.prompts) for r in engine.runs] == [4, 4, 1, 4]      # shared runs have --max-batch rows
+    assert engine.runs[2].settings["seed"] == 3 and engine.runs[2].max_new == 4    # its own max_tokens
+    assert [len(t) for t in engine.runs[0].tokens[:2]] == [4, 3]      # each its own max_tokens
+    assert not any(r.admitted for r in engine.runs)
+    sch.pending.append(job(7))
+    run_until_idle(job(8, temperature=1.0))
+    assert engine.runs[-1].admitted == [[8]]          # a greedy run takes sampling requests with its filter (none)
+    assert sch.load()["served"] == 8 and sch.load()["admitted_while_decoding"] == 1
