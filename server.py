@@ -788,7 +788,6 @@ examples:
 
 exit status: 0 stopped (Ctrl-C or SIGTERM: the requests in progress finish first), 2 bad flags."""
     ap.set_defaults(seed=None)   # a request without a seed gets a fresh one (unless --seed gives a default)
-    have = {s for a in ap._actions for s in a.option_strings}
     g = ap.add_argument_group("serving (ssd_fast.py --serve)")
     g.add_argument("--serve", action="store_true",
                    help="serve the OpenAI API over HTTP (POST /v1/completions, /v1/chat/completions; GET /v1/models, "
@@ -803,12 +802,6 @@ exit status: 0 stopped (Ctrl-C or SIGTERM: the requests in progress finish first
     g.add_argument("--batch-window", type=float, default=20.0, metavar="MS",
                    help="when idle, a request waits up to MS for others (until --max-batch are waiting), so that a "
                         "burst starts with one batched prefill instead of one admit per request (default 20)")
-    if "--max-context" not in have:   # cli.py may not have it yet
-        g.add_argument("--max-context", type=int, metavar="N",
-                       help="tokens per sequence (prompt + generated) the caches hold (default: the models' context "
-                            "window, at most 4096)")
-    if "--threads" not in have:
-        g.add_argument("--threads", type=int, metavar="N", help="CPU threads for the models' math on a CPU")
     return ap
 
 
@@ -833,20 +826,19 @@ def check_args(args):
         raise cli.UsageError(f"--batch-window must be in 0..1000 ms, got {args.batch_window}")
     if args.temperature > 2:
         raise cli.UsageError(f"--temperature must be in 0..2 for the server (OpenAI's range), got {args.temperature}")
-    if args.max_context is not None and args.max_context < 2:
-        raise cli.UsageError(f"--max-context must be >= 2, got {args.max_context}")
-    if args.threads is not None and args.threads < 1:
-        raise cli.UsageError(f"--threads must be >= 1, got {args.threads}")
 
 
 def load(args, log):
-    """Devices, models, tokenizer and the engine, as the CLI chooses them. Returns (scheduler, config)."""
+    """Devices, models, tokenizer and the engine, as the CLI chooses and loads them (the weights streamed to the
+    device by loader.py). Returns (scheduler, config)."""
     import embedded
-    import ssd
     import torch
     placement = cli.choose_devices(args, "fast", torch)
     if placement.note:
         log(placement.note)
+    on_gpu = placement.target != "cpu"
+    if not on_gpu:
+        torch.set_num_threads(cli.cpu_threads(args.threads, torch))
     target_dir, draft_dir, _ = cli.resolve_models(args, log)
     target_cfg = cli.read_model_config(target_dir, "--target")
     draft_cfg = cli.read_model_config(draft_dir, "--draft") if draft_dir else None
@@ -854,39 +846,42 @@ def load(args, log):
     context = args.max_context or min(window, 4096)
     if context > window:
         raise cli.UsageError(f"--max-context {context} is longer than the models' context window ({window} tokens)")
-    on_gpu = placement.target != "cpu"
-    if not on_gpu:
-        threads = cli.cpu_threads(args.threads, torch) if hasattr(cli, "cpu_threads") else args.threads
-        if threads:
-            torch.set_num_threads(threads)
-    else:
-        torch.cuda.set_device(torch.device(placement.target))
     tok = embedded.load_tokenizer(target_dir)
-    t0 = time.perf_counter()
-    target, draft, _, _ = ssd.load_pair(str(target_dir), str(draft_dir) if draft_dir else None, args.mode,
-                                        dtype=torch.float32, device="cpu", log=log, tokenizer=tok)
-    engine = cli.Backend("fast", target, draft, placement, args, log, max_seq=context, target_dir=target_dir).engine
-    budget = None
-    if args.k_auto and args.mode != "ar":
-        args.k, budget, _ = engine.choose_lookahead(args.max_batch, args.mode, k_max=cli.K_AUTO_MAX)
-        log(f"--k auto: K={args.k}" + (f", speculation budget {budget}" if args.mode == "ssd" else ""))
-    eos = sorted(set(target.cfg.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
-    scheduler = Scheduler(engine, eos=eos, k=args.k, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
-                          fan_out=args.fan_out, fan_out_budget=budget if args.mode == "ssd" else None,
-                          saguaro_c=args.saguaro_c, backup=args.backup, batch_window=args.batch_window / 1000, log=log)
-    if on_gpu and not args.no_cuda_graphs:   # capture the CUDA graphs of a full batch and of a batch of one
-        warm = tok.encode("Hello")
-        for rows in sorted({args.max_batch, 1}):
-            engine.generate([warm] * rows, mode=args.mode, k=args.k, max_new_tokens=4 * (args.k + 1),
-                            eos_token_id=[], **scheduler.spec)
-    cfg = ServeConfig(model_name=args.served_model_name or target_dir.name, tokenizer=tok, eos=eos,
-                      max_context=engine.max_seq, max_new_tokens=args.max_new_tokens, mode=args.mode,
-                      modes=("ar", "sd", "ssd") if draft is not None else ("ar",), temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stops=tuple(args.stop))
-    draft_on = f" + {placement.draft}" if placement.draft and placement.draft != placement.target else ""
-    log(f"server: {cfg.model_name} on {placement.target_devices()}{draft_on}, mode {args.mode}"
-        + (f" K={args.k}" if args.mode != "ar" else "") + f", batches of up to {args.max_batch}"
-        + f", context {engine.max_seq} tokens; loaded in {time.perf_counter() - t0:.1f} s")
+    if on_gpu:   # will --max-batch rows of --max-context tokens fit? From the configs, before any weight is read
+        cli.check_memory(args, placement, target_cfg, draft_cfg, placement.dtype or torch.bfloat16, args.max_batch,
+                         context, context, log, torch)
+        torch.cuda.set_device(torch.device(placement.target))
+    warm_up = on_gpu and not args.no_cuda_graphs
+    startup = cli.Startup(2 + warm_up, log)
+    try:
+        target, draft = cli.open_checkpoints(target_dir, draft_dir, tok, startup)
+        startup(f"weights to {placement.target_devices()}")
+        engine = cli.Backend("fast", target, draft, placement, args, startup.log, max_seq=context,
+                             target_dir=target_dir).engine
+        budget = None
+        if args.k_auto and args.mode != "ar":
+            args.k, budget, _ = engine.choose_lookahead(args.max_batch, args.mode, k_max=cli.K_AUTO_MAX)
+            startup.log(f"--k auto: K={args.k}" + (f", speculation budget {budget}" if args.mode == "ssd" else ""))
+        eos = sorted(set(target.cfg.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
+        scheduler = Scheduler(engine, eos=eos, k=args.k, max_new_tokens=args.max_new_tokens,
+                              max_batch=args.max_batch, fan_out=args.fan_out,
+                              fan_out_budget=budget if args.mode == "ssd" else None, saguaro_c=args.saguaro_c,
+                              backup=args.backup, batch_window=args.batch_window / 1000, log=log)
+        if warm_up:   # capture the CUDA graphs of a full batch and of a batch of one
+            startup("capturing CUDA graphs")
+            for rows in sorted({args.max_batch, 1}):
+                engine.generate([tok.encode("Hello")] * rows, mode=args.mode, k=args.k,
+                                max_new_tokens=4 * (args.k + 1), eos_token_id=[], **scheduler.spec)
+        cfg = ServeConfig(model_name=args.served_model_name or target_dir.name, tokenizer=tok, eos=eos,
+                          max_context=engine.max_seq, max_new_tokens=args.max_new_tokens, mode=args.mode,
+                          modes=("ar", "sd", "ssd") if draft is not None else ("ar",), temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stops=tuple(args.stop))
+        draft_on = f" + {placement.draft}" if placement.draft and placement.draft != placement.target else ""
+        startup.finish(f"server: {cfg.model_name} on {placement.target_devices()}{draft_on}, mode {args.mode}"
+                       + (f" K={args.k}" if args.mode != "ar" else "") + f", batches of up to {args.max_batch}"
+                       + f", context {engine.max_seq} tokens; ready")
+    finally:
+        startup.close()
     return scheduler, cfg
 
 
