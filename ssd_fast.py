@@ -1120,6 +1120,7 @@ class _Run:
         b = free[0]
         if temperature is not None:
             req.t[b], req.t_draft[b] = float(temperature), float(temperature)
+            req.send_q = req.send_q or float(temperature) > 0   # a sampling row needs the draft's q rows
         elif b >= self.B:   # a padding row takes the first row's sampling settings
             req.t[b], req.t_draft[b] = req.t[0], req.t_draft[0]
         dev, T = eng.device, len(prompt)
