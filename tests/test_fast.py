@@ -314,12 +314,14 @@ def test_gpu_two_gpus_concurrent_distribution(small):
     engine = ssd_fast.Engine(target, draft, device="cuda", dtype=torch.float32, concurrent=True,
                              draft_device=_second_gpu())
     prompt = [1, 4, 2, 5, 0]
-    samples = []
+    samples, first = [], []
     for seed in range(te.N_SAMPLES // 500):
         out = engine.generate([prompt] * 500, temperature=1.0, max_new_tokens=te.N_TOKENS, eos_token_id=[],
                               seed=seed, **te.PATHS["ssd-jit"])
         samples += [tuple(t[te.WINDOW]) for t in out.tokens]
+        first += [tuple(t[:3]) for t in out.tokens]      # the first tokens too: the prefill's and the first rounds'
     assert te.chi_square_p_value(samples, te.exact_joint(target, prompt, te.N_TOKENS, te.WINDOW)) > 1e-3
+    assert te.chi_square_p_value(first, te.exact_joint(target, prompt, te.N_TOKENS, slice(0, 3))) > 1e-3
 
 
 def test_fit_budget_measures_the_draft_side(pair):
