@@ -219,7 +219,7 @@ def test_draft_and_verifier_streams_are_independent(models, monkeypatch, backend
     with the verifier's uniforms and biases the output; the derived per-site seeds do not."""
     if shared:
         monkeypatch.setattr(ssd, "derive_seed", lambda seed, site: seed)
-    prompts, generated = first_tokens_one_row_at_a_time(backend, models, 250, device, mode="sd", k=2)
+    prompts, generated = first_tokens_one_row_at_a_time(backend, models, 400, device, mode="sd", k=2)
     p = transitions_p_value(prompts, generated, table(models[0]))
     assert (p < P_FAIL) if shared else (p > P_PASS), p
 
