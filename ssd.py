@@ -1039,11 +1039,6 @@ def load_pair(target_dir=None, draft_dir=None, mode="ssd", dtype=torch.float32, 
     return target, draft, tokenizer, Path(target_dir)
 
 
-def cli(argv=None) -> int:
-    """The command line (cli.py, shared with ssd_fast.py): returns the exit status."""
-    import cli as _cli
-    return _cli.run(argv, backend="reference")
-
-
-if __name__ == "__main__":
-    sys.exit(cli())
+if __name__ == "__main__":   # the command line, shared with ssd_fast.py (cli.py sits on top of this module)
+    import cli
+    sys.exit(cli.run(sys.argv[1:], backend="reference"))
