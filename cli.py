@@ -135,9 +135,11 @@ def build_parser(backend: str = "fast") -> argparse.ArgumentParser:
                         "CUDA stream, or a thread on a CPU). The reference runs them one after the other")
 
     g = ap.add_argument_group("decoding")
-    g.add_argument("--mode", choices=["ar", "sd", "ssd"], default="ssd",
-                   help="ar = target alone, sd = speculative decoding, ssd = speculative speculative decoding "
-                        "(default)")
+    g.add_argument("--mode", choices=["auto", "ar", "sd", "ssd"], default="auto" if backend == "fast" else "ssd",
+                   help="ar = target alone, sd = speculative decoding, ssd = speculative speculative decoding; "
+                        + ("auto (default) = sd or ar, whichever the models' sizes on this device say is faster "
+                           "(said on stderr; ssd only when asked, see BENCHMARKS.md)" if backend == "fast" else
+                           "auto = sd or ar by the models' sizes. Default: ssd (this is the lesson)"))
     g.add_argument("--k", type=_k_flag, default=4, metavar="K|auto",
                    help="lookahead: draft tokens per round (default 4); 'auto' (ssd_fast.py) measures the models' "
                         "step times and picks the K (and, with --fan-out auto, the speculation budget) whose drafting "
@@ -721,6 +723,19 @@ def open_checkpoints(target_dir, draft_dir, tok, startup):
     return target, draft
 
 
+def settle_auto_mode(args, on_gpu: bool, target_cfg, draft_cfg, batch: int, log) -> None:
+    """--mode auto: SD or AR by ssd_fast.choose_mode's rule (from the configs, not timings); says which and why."""
+    import ssd_fast
+    k = 4 if args.k_auto else args.k
+    mode, gain = ssd_fast.choose_mode(target_cfg, draft_cfg, k, batch, on_gpu)
+    if gain is None:
+        log("mode: ar (--mode auto: no draft given)")
+    else:
+        log(f"mode: {mode} (--mode auto: SD predicted {gain:.2f}x AR here at K={k}, acceptance 0.6; SD needs "
+            f"{ssd_fast.SD_OVER_AR_MARGIN}x; --mode ar|sd|ssd forces one)")
+    args.mode = mode
+
+
 def read_model_config(path: Path, flag: str):
     import ssd
     if path.exists() and not path.is_dir():
@@ -749,6 +764,11 @@ def run(argv=None, backend: str = "fast") -> int:
     try:
         import torch
         check_args(args)
+        # --mode auto settles on SD or AR once the configs are read (_main); until then it is SD, or AR when
+        # no draft is given for a checkpoint of the user's (nothing to speculate with).
+        args.mode_auto = args.mode == "auto"
+        if args.mode_auto:
+            args.mode = "ar" if args.target is not None and args.draft is None else "sd"
         if args.k_auto and backend == "reference":
             raise UsageError("--k auto measures the fast engine's step times: use ssd_fast.py, or give --k N")
         placement = choose_devices(args, backend, torch)
@@ -815,6 +835,10 @@ def _main(args, backend, placement, log) -> int:
     target_dir, draft_dir, about = resolve_models(args, log)
     target_cfg = read_model_config(target_dir, "--target")
     draft_cfg = read_model_config(draft_dir, "--draft") if draft_dir else None
+    if getattr(args, "mode_auto", False):
+        settle_auto_mode(args, placement.target != "cpu", target_cfg, draft_cfg, max(1, len(prompts_text)), log)
+        if args.mode == "ar":
+            draft_dir, draft_cfg, placement = None, None, dataclasses.replace(placement, draft=None)
     spec_t, spec_d = _Spec(target_cfg), (_Spec(draft_cfg) if draft_cfg else None)
     if spec_d is not None:
         ssd.check_compatible(spec_t, spec_d)

@@ -990,6 +990,27 @@ def jit_cost_ratio(target_cfg, draft_cfg, k: int, batch: int, on_gpu: bool) -> f
     return k * forward_cost(draft_cfg, batch, 1, on_gpu) / forward_cost(target_cfg, batch, k + 1, on_gpu)
 
 
+SD_OVER_AR_MARGIN = 1.2
+
+
+def choose_mode(target_cfg, draft_cfg, k: int, batch: int, on_gpu: bool, accept_rate: float = 0.6) -> tuple:
+    """The mode of `--mode auto`, by a rule from the configs (no timing: a seed reproduces a run). SSD is not
+    chosen: on one device it measured 0.42-0.79x our SD in every configuration (BENCHMARKS.md: the draft-cost
+    sweep, 24 points; the expanded pair), and with the draft on its own GPU at most 1.04x, within the spread of
+    the prompts; `--mode ssd` still runs it. SD against AR: tokens per second by the COST roofline, SD making
+    E = (1 - a^(K+1)) / (1 - a) tokens per round (Leviathan et al. 2023, eq. 1) at an assumed acceptance a, in a
+    verify of K + 1 positions plus K draft steps; SD is chosen when it is predicted SD_OVER_AR_MARGIN faster than AR.
+    The margin is what the roofline leaves out (a round's sampling and launches): measured/predicted SD/AR was
+    0.97 (135M pair, CPU), 0.82 (135M pair, H200) and 0.83 (7B pair, H200). Returns (mode, predicted SD/AR)."""
+    if draft_cfg is None:
+        return "ar", None
+    a = accept_rate
+    expected = (1 - a ** (k + 1)) / (1 - a)
+    t_round = forward_cost(target_cfg, batch, k + 1, on_gpu) + k * forward_cost(draft_cfg, batch, 1, on_gpu)
+    gain = (expected / t_round) * forward_cost(target_cfg, batch, 1, on_gpu)
+    return ("sd" if gain >= SD_OVER_AR_MARGIN else "ar"), gain
+
+
 def _saguaro_f(f, c):
     """The fan-out a step's Saguaro rescaling depends on: none at C >= 1 (no rescaling). Graph keys use
     this, so a fan-out that follows the running acceptance estimate does not capture new graphs."""

@@ -144,7 +144,8 @@ def test_streaming_prints_text_as_rounds_are_accepted(tiny_dirs, capsys, monkeyp
 
 def test_streaming_subprocess_matches_json(tiny_dirs, capsys):
     """The real program: streamed stdout is the prompt and the text --json reports, then one summary line."""
-    args = ["--prompt", "Hello there", *pair(tiny_dirs, "target"), "--k", "3", "--max-new-tokens", "10", "--no-chat"]
+    args = ["--prompt", "Hello there", *pair(tiny_dirs, "target"), "--mode", "ssd", "--k", "3", "--max-new-tokens", "10",
+            "--no-chat"]
     expected = run_json(capsys, *args, backend="fast")["text"][0]
     proc = subprocess.run([sys.executable, str(ROOT / "ssd_fast.py"), *args], capture_output=True, cwd=ROOT, env=ENV,
                           timeout=300)
@@ -247,7 +248,7 @@ def test_seed_temperature_top_k_top_p(tiny_dirs, capsys):
 
 @pytest.mark.parametrize("backend", ["reference", "fast"])
 def test_ssd_flags_batch_and_repeatability(tiny_dirs, capsys, backend):
-    args = ["--prompt", "a", "--prompt", "a much longer prompt than the first", *pair(tiny_dirs), "--temperature",
+    args = ["--prompt", "a", "--prompt", "a much longer prompt than the first", *pair(tiny_dirs), "--mode", "ssd", "--temperature",
             "0.8", "--draft-temperature", "0.5", "--top-p", "0.9", "--top-k", "50", "--k", "2", "--fan-out", "2",
             "--saguaro-c", "0.5", "--backup", "jit", "--seed", "7", "--max-new-tokens", "5", "--no-chat",
             "--device", "cpu", "--dtype", "float32", "--no-cuda-graphs"]
@@ -381,8 +382,8 @@ def test_fast_profile_trace_shows_the_real_spans(tiny_dirs, capsys, tmp_path, co
     """The fast engine's trace holds the measured spans: each part inside its round, and with
     --concurrent the glue pass and tree decode on the draft worker's track, overlapping the verify."""
     path = tmp_path / "trace.json"
-    data = run_json(capsys, "--prompt", "Hi", *pair(tiny_dirs, "target"), "--k", "2", "--max-new-tokens", "9",
-                    "--no-chat", "--profile", path, *(["--concurrent"] if concurrent else []), backend="fast")
+    data = run_json(capsys, "--prompt", "Hi", *pair(tiny_dirs, "target"), "--mode", "ssd", "--k", "2", "--max-new-tokens",
+                    "9", "--no-chat", "--profile", path, *(["--concurrent"] if concurrent else []), backend="fast")
     trace = json.loads(path.read_text())
     threads = {e["args"]["name"]: e["tid"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
     events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
@@ -558,8 +559,9 @@ def test_embedded_default_end_to_end():
     proc = subprocess.run([sys.executable, str(ROOT / "ssd_fast.py"), "--prompt", "What is the capital of France?",
                            "--max-new-tokens", "16"], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "Paris" in proc.stdout and "tokens/round" in proc.stdout and "cache hit rate" in proc.stdout
+    assert "Paris" in proc.stdout and "tokens/round" in proc.stdout and "SD K=4" in proc.stdout
     assert "target on cpu, draft on cpu" in proc.stdout and "draft:" in proc.stderr
+    assert "mode: sd (--mode auto: SD predicted" in proc.stderr     # the default mode, chosen and said
     assert "<|im_end|>" not in proc.stdout                        # EOS is never printed
 
 
@@ -601,7 +603,8 @@ def test_concurrent_flag_runs_the_draft_on_its_worker(tiny_dirs, capsys):
 # ---------------------------------------------------------------------------------------------
 
 def test_fast_cli_streams_the_weights_and_reports_the_load(tiny_dirs, capsys):
-    out = run_json(capsys, "--prompt", "hi", *pair(tiny_dirs, "draft"), "--max-new-tokens", "4", backend="fast")
+    out = run_json(capsys, "--prompt", "hi", *pair(tiny_dirs, "draft"), "--mode", "sd", "--max-new-tokens", "4",
+                   backend="fast")
     load = out["load"]
     assert load["seconds"] > 0 and out["stats"]["load_s"] == load["seconds"]
     assert [r["name"] for r in load["target"] + load["draft"]] == ["target", "draft"]
@@ -666,3 +669,29 @@ def test_memory_check_refuses_what_does_not_fit(monkeypatch):
     cli.check_memory(args, cli.Placement("cuda:0", None, None, tp=4), cfg, None, torch.bfloat16, 1, 4096, 20,
                      lines.append, fake)
     assert lines and lines[0].startswith("memory check: target rank 0: 35.3 GB of weights")
+
+
+def test_mode_auto_rule():
+    """--mode auto (ssd_fast.choose_mode): SD where the models' sizes predict it faster than AR by the margin, else
+    AR; never SSD (it measured slower than SD on one device everywhere). The three cases measured: the embedded
+    pair on a CPU (SD 18.6 vs AR 14.6 tok/s) and on an H200 (AR 1135 vs SD 1072 at K = 4), the 7B pair on an H200
+    (SD 417 vs AR 242)."""
+    import dataclasses as dc
+    import ssd_fast
+    from embedded import SHIPPED_DRAFT_DIR as DRAFT_DIR
+    target = ssd.ModelConfig.from_dict(dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                            num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                            max_position_embeddings=8192, tie_word_embeddings=True))
+    draft = ssd.ModelConfig.from_dict(ssd.read_config(DRAFT_DIR))
+    expanded = dc.replace(target, hidden_size=576 * 8, intermediate_size=1536 * 8, num_attention_heads=72,
+                          num_key_value_heads=24)
+    assert ssd_fast.choose_mode(target, draft, 4, 1, on_gpu=False)[0] == "sd"
+    assert ssd_fast.choose_mode(target, draft, 4, 1, on_gpu=True)[0] == "ar"
+    assert ssd_fast.choose_mode(expanded, draft, 4, 1, on_gpu=True)[0] == "sd"
+    assert ssd_fast.choose_mode(target, None, 4, 1, on_gpu=True) == ("ar", None)
+
+
+def test_mode_auto_without_a_draft_runs_ar(tiny_dirs, capsys):
+    data = run_json(capsys, "--prompt", "hi", "--target", tiny_dirs["target"], "--max-new-tokens", "3", "--no-chat",
+                    backend="fast")
+    assert data["settings"]["mode"] == "ar" and len(data["token_ids"][0]) == 3

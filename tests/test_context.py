@@ -70,11 +70,12 @@ def test_fast_context_limit_at_temperature_1_keeps_rows_apart(short_context, dev
         assert (len(tokens) == 30) == (reason == "length")
 
 
-def test_same_seed_same_output_from_the_command_line():
-    """Two runs of the CLI at T > 0 with default flags (the backup, the fan-out, everything as a new user gets
-    it) print the same text."""
+@pytest.mark.parametrize("flags", [[], ["--mode", "ssd"]])
+def test_same_seed_same_output_from_the_command_line(flags):
+    """Two runs of the CLI at T > 0 with default flags (everything as a new user gets it), and with SSD (whose
+    backup on a miss, fan-out and budget once followed timings), print the same text."""
     cmd = [sys.executable, str(ROOT / "ssd_fast.py"), "--prompt", "Tell me a short story about a cat.",
-           "--temperature", "0.8", "--seed", "1", "--max-new-tokens", "24", "--json"]
+           "--temperature", "0.8", "--seed", "1", "--max-new-tokens", "24", "--json", *flags]
     runs = [subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT) for _ in range(2)]
     for r in runs:
         assert r.returncode == 0, r.stderr[-2000:]
