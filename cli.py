@@ -129,10 +129,10 @@ def build_parser(backend: str = "fast") -> argparse.ArgumentParser:
                    help="run the fast engine's steps eagerly (slower; for debugging). The reference never uses "
                         "CUDA graphs and ignores it")
     g.add_argument("--concurrent", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
-                   help="fast engine, SSD: run the draft's glue pass and tree decode on their own worker while the "
-                        "target verifies. auto (default): on when the draft has its own GPU (--gpus 2: measured "
-                        "faster, BENCHMARKS.md), off when it shares the target's; on: also on one device (its own "
-                        "CUDA stream, or a thread on a CPU). The reference runs them one after the other")
+                   help="fast engine, SSD: run the draft's glue pass and tree decode while the target verifies: "
+                        "on one GPU on a second CUDA stream inside the round's CUDA graph, with the draft on its own "
+                        "GPU (--gpus 2) on a worker thread. auto (default): on where CUDA graphs run or the draft has "
+                        "its own GPU; off: one part after the other (always so on a CPU, and in the reference)")
 
     g = ap.add_argument_group("decoding")
     g.add_argument("--mode", choices=["auto", "ar", "sd", "ssd"], default="auto" if backend == "fast" else "ssd",

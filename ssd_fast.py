@@ -42,6 +42,7 @@ says so once), and gives the same greedy tokens as ssd.py.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import threading
 import time
@@ -55,6 +56,7 @@ import torch.nn.functional as F
 import ssd
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+SIDE_STREAM_PRIORITY = -1   # SSD's draft side on one GPU: -1 = high (CUDA: lower numbers are higher priorities)
 
 
 def on_device(device):
@@ -353,6 +355,7 @@ class Batch:
     epoch: list | None = None        # per row: bumped when admit hands the row to a new sequence
     active_host: list | None = None  # host mirror of `active` for the real rows
     looked_up: tuple | None = None   # (proposal, q, hit) of the outcome key, found at the end of the last round
+    context_limit: torch.Tensor | None = None   # [] on the device: rows stop there (admit may raise it)
 
 
 class Engine:
@@ -417,10 +420,20 @@ class Engine:
         # thread that launches on its own CUDA stream (GPU), or computes on its own thread (CPU).
         # None (default): on when the draft has its own GPU (measured faster, BENCHMARKS.md); on one
         # device it is opt-in (`concurrent=True`).
+        # SSD's round with the host out of the way (ssd_round.py): when the draft shares the target's device and
+        # the target is not split. Its draft side runs on a second stream inside the round's CUDA graph when
+        # `concurrent` (default: on where graphs run; measured in BENCHMARKS.md). Otherwise (the draft on its own
+        # GPU, or a tensor-parallel target) the draft side runs on a worker thread, concurrent by default when
+        # the draft has its own GPU.
+        self.one_device_ssd = draft is not None and self.draft_device == self.device and tp == 1
         if concurrent is None:
-            concurrent = on_gpu and self.draft_device != self.device
+            concurrent = graphs if self.one_device_ssd else on_gpu and self.draft_device != self.device
         self.concurrent = bool(concurrent)
-        self.worker = DraftWorker(self.draft_device if on_gpu else None) if self.concurrent and draft is not None else None
+        self.worker = (DraftWorker(self.draft_device if on_gpu else None)
+                       if self.concurrent and draft is not None and not self.one_device_ssd else None)
+        self.use_graphs = graphs
+        self.ssd_rounds, self.buffers, self._side_stream = {}, {}, None
+        self.st = self.ssd_round = None   # the batch being decoded and its SSD round (one-device SSD)
         self.log, self.draft_failed = log, False
         self.profile = False
         # AR and SD: launch the next round before reading this one back (_Run.rounds_iter)
@@ -450,8 +463,13 @@ class Engine:
             return self.ops.sample_exponential_race(flat, noise).reshape(probs.shape[:-1])
 
     def _draft_sample(self, logits, t, req, fan_out, gen):
-        """ssd.draft_sample on the device: a token drawn from the draft's q' and that very q' (the verifier's)."""
-        q = ssd.saguaro_rescale(self._probs(logits, t, req), fan_out, req.c)
+        """ssd.draft_sample on the device: a token drawn from the draft's q' and that very q' (the verifier's).
+        `fan_out`: Saguaro's F, a host int, or a 0-dim device tensor when it adapts inside a CUDA graph."""
+        q = self._probs(logits, t, req)
+        if isinstance(fan_out, torch.Tensor):
+            q = saguaro_rescale_masked(q, fan_out, req.c, self.ssd_round.f_cap)
+        else:
+            q = ssd.saguaro_rescale(q, fan_out, req.c)
         return self._sample(q, gen), q
 
     def _base(self, st, req):
@@ -465,6 +483,27 @@ class Engine:
         if key not in self.caches:
             self.caches[key] = model.new_cache(batch, self.max_seq + 2 * k + 2, branches, k)
         return self.caches[key]
+
+    def st_buffers(self, Bb, k=None):
+        """The sequence state of a batch bucket as persistent device tensors (the SSD round's CUDA graph reads
+        and writes them in place, so they outlive a generate call): token history, lengths, active rows, the
+        last outcome n, the per-row temperatures and the context limit."""
+        k = self.req.k if k is None else k
+        key = (Bb, k)
+        if key not in self.buffers:
+            dev, long = self.device, dict(dtype=torch.long, device=self.device)
+            self.buffers[key] = dict(
+                hist=torch.zeros(Bb, self.max_seq + 2 * k + 4, **long), lens=torch.zeros(Bb, **long),
+                active=torch.zeros(Bb, dtype=torch.bool, device=dev), last_n=torch.zeros(Bb, **long),
+                t=torch.zeros(Bb, device=dev), t_draft=torch.zeros(Bb, device=self.draft_device),
+                context_limit=torch.zeros((), **long))
+        return self.buffers[key]
+
+    def side_stream(self):
+        """The second CUDA stream the SSD round's draft side is captured on (one per engine)."""
+        if self._side_stream is None:   # high priority: its short kernels go first while the verify's long ones wait
+            self._side_stream = torch.cuda.Stream(self.device, priority=SIDE_STREAM_PRIORITY)
+        return self._side_stream
 
     # --- generate -------------------------------------------------------------------------------
 
@@ -529,8 +568,9 @@ class Engine:
         Bb = bucket(B)
         dev = self.device
         req.send_q = bool((req.t > 0).any())   # at temperature 0 the verify needs no q rows
-        req.t = torch.cat([req.t, torch.zeros(Bb - B)]).to(dev)
-        req.t_draft = torch.cat([req.t_draft, torch.zeros(Bb - B)]).to(self.draft_device)
+        buf = self.st_buffers(Bb, req.k)      # req's device tensors are the persistent buffers (CUDA graphs read them)
+        req.t = buf["t"].copy_(torch.cat([req.t, torch.zeros(Bb - B)]))
+        req.t_draft = buf["t_draft"].copy_(torch.cat([req.t_draft, torch.zeros(Bb - B)]))
         branches = (sum(req.fan) if req.fan else req.budget) if mode == "ssd" else 0
         self.tc = self._cache(self.target, "target", Bb)
         self.dc = self._cache(self.draft, "draft", Bb, branches, req.k) if mode != "ar" else None
@@ -539,7 +579,34 @@ class Engine:
             est.jit_cost_ratio = jit_cost_ratio(self.target.cfg, self.draft.cfg, req.k, Bb, self.on_gpu)
         t0 = time.perf_counter()
         st = self._prefill(req, Bb, mode)
-        return _Run(self, st, req, est, mode, time.perf_counter() - t0)
+        prefill_time = time.perf_counter() - t0
+        self.st, self.ssd_round = st, None
+        if mode == "ssd" and self.one_device_ssd:
+            self._prepare_ssd_round(req, est, Bb, branches)
+        return _Run(self, st, req, est, mode, prefill_time)
+
+    def _prepare_ssd_round(self, req, est, Bb, branches):
+        """The SSD round's state for this shape (ssd_round.SSDRound), reset, and its CUDA graphs captured before
+        the first round: one per backup the run may take."""
+        import ssd_round
+        V = self.target.cfg.vocab_size
+        f_cap = min(max(req.fan) if req.fan else branches, V - 1)
+        key = (Bb, req.k, branches, f_cap)
+        if key not in self.ssd_rounds:
+            self.ssd_rounds[key] = ssd_round.SSDRound(self, Bb, req.k, branches, req.send_q, f_cap)
+        rnd = self.ssd_round = self.ssd_rounds[key]
+        rnd.reset()
+        if req.send_q and not rnd.send_q:
+            rnd.enable_q()
+        rnd.send_q = req.send_q
+        rnd.draft_greedy = not req.send_q and not bool((req.t_draft > 0).any())
+        if self.use_graphs and not self.profile:
+            for backup in (("fast", "jit") if req.backup == "auto" else (req.backup,)):
+                rnd.prepare(backup, self._ssd_fan(req, est), self.concurrent)
+
+    def _ssd_fan(self, req, est):
+        fan = req.fan or ssd.geometric_fan_out(req.k, req.budget, est.accept_rate, req.miss_exponent)
+        return [min(f, self.ssd_round.f_cap) for f in fan]
 
     def _prefill(self, req, Bb, mode):
         dev, B = self.device, len(req.prompts)
@@ -552,13 +619,17 @@ class Engine:
         if mode != "ar":
             self.draft.forward(tokens.to(self.draft_device), positions.to(self.draft_device), self.dc)
         first = self._sample(self._probs(logits, req.t, req), self.rng["target"])
-        hist = torch.zeros(Bb, self.max_seq + 2 * req.k + 4, dtype=torch.long, device=dev)
+        buf = self.st_buffers(Bb, req.k)
+        hist = buf["hist"].zero_()
         hist[:, :T] = tokens
         hist[torch.arange(Bb, device=dev), plens] = first
-        st = Batch(hist=hist, lens=plens + 1, active=torch.tensor([b < B for b in range(Bb)], device=dev),
+        buf["lens"].copy_(plens + 1)
+        buf["active"].copy_(torch.tensor([b < B for b in range(Bb)]))
+        buf["context_limit"].fill_(req.context_limit)
+        st = Batch(hist=hist, lens=buf["lens"], active=buf["active"],
                    tokens=[list(p) for p in req.prompts], prompt_lens=[len(p) for p in req.prompts],
-                   done=[False] * B, finish=[None] * B, last_n=torch.zeros(Bb, dtype=torch.long, device=dev),
-                   next_hit=[False] * B)
+                   done=[False] * B, finish=[None] * B, last_n=buf["last_n"].zero_(),
+                   next_hit=[False] * B, context_limit=buf["context_limit"])
         for b, tok in enumerate(first[:B].tolist()):
             st.tokens[b].append(tok)
             self._finish_check(st, b, req)
@@ -591,8 +662,8 @@ class Engine:
         keep = (torch.arange(K1, device=n.device)[None] <= n[:, None]) & st.active[:, None]
         st.hist.scatter_(1, idx, torch.where(keep, new, st.hist.gather(1, idx)))
         st.lens += torch.where(st.active, n + 1, torch.zeros_like(n))
-        st.active &= st.lens + self.req.k_used + 1 <= self.req.context_limit
-        st.last_n = n
+        st.active &= st.lens + self.req.k_used + 1 <= st.context_limit
+        st.last_n.copy_(n)
 
     def _commit_host(self, st, req, packed, stats):
         """The host's share of a round: each taking part row's new tokens, its finish check, its hit flag."""
@@ -723,6 +794,21 @@ class Engine:
         self._commit_device(st, n, new)
         st.looked_up = self._lookup(st)
         return n, new, st.looked_up[2]
+
+    def _ssd_round_device(self, st, req, stats, est):
+        """SSD's round with the host out of the way (ssd_round.SSDRound): the host picks the fan-out and the
+        backup from the estimates so far (rules, no timing), then launches the round (one graph replay on a
+        GPU). Returns the packed [n, new tokens, hit] per row; hits are decided on the device."""
+        stats.fan_out = fan = self._ssd_fan(req, est)
+        stats.backup = req.backup if req.backup != "auto" else ssd.choose_backup(len(st.tokens), est)
+        graphs = self.use_graphs and not self.profile
+        try:
+            return self.ssd_round.launch(stats, stats.backup, fan, self.concurrent and graphs, graphs)
+        except Exception as e:   # the draft failed while its round was captured: this round is AR
+            if not graphs:
+                raise
+            self._draft_lost(e)
+            return self._ar_round(st, req, stats, est)
 
     def _backup(self, st, req, fan, stats):
         if stats.backup == "jit":
@@ -1011,6 +1097,18 @@ def choose_mode(target_cfg, draft_cfg, k: int, batch: int, on_gpu: bool, accept_
     return ("sd" if gain >= SD_OVER_AR_MARGIN else "ar"), gain
 
 
+def saguaro_rescale_masked(q, fan_out: torch.Tensor, c: float, f_cap: int):
+    """ssd.saguaro_rescale with F a device value (at most f_cap): the top-(f_cap + 1) tokens are found with one
+    top-k of fixed width and the first F + 1 of them scaled by C, so a CUDA graph serves every F."""
+    if c >= 1.0:
+        return q
+    top = q.topk(min(f_cap + 1, q.shape[-1]), dim=-1).indices
+    rank = torch.arange(top.shape[-1], device=q.device)
+    scale_top = torch.where((rank <= fan_out) & (fan_out > 0), c, 1.0).to(q.dtype).expand(top.shape)
+    q = q * torch.ones_like(q).scatter(-1, top, scale_top)
+    return q / q.sum(-1, keepdim=True)
+
+
 def _saguaro_f(f, c):
     """The fan-out a step's Saguaro rescaling depends on: none at C >= 1 (no rescaling). Graph keys use
     this, so a fan-out that follows the running acceptance estimate does not capture new graphs."""
@@ -1038,8 +1136,12 @@ class _Run:
     def __init__(self, engine, st, req, est, mode, prefill_time):
         self.engine, self.st, self.req, self.est, self.mode = engine, st, req, est, mode
         self.prefill_time, self.rounds, self.B = prefill_time, [], len(req.prompts)
-        self.round_fn = {"ar": engine._ar_round, "sd": engine._sd_round, "ssd": engine._ssd_round}[mode]
+        ssd_round = engine._ssd_round_device if engine.ssd_round is not None else engine._ssd_round
+        self.round_fn = {"ar": engine._ar_round, "sd": engine._sd_round, "ssd": ssd_round}[mode]
+        self.device_hits = mode == "ssd" and engine.ssd_round is not None   # hit flags come back with the tokens
+        self.pipelined = engine.pipeline and (mode in ("ar", "sd") or self.device_hits) and not engine.profile
         self._last_end = None   # when the previous round's results were read back
+        self.est_before = copy.copy(est)   # the estimates before the latest round's update
         self._inflight = None   # a launched round not read back yet (pipelined AR/SD)
 
     def rounds_iter(self):
@@ -1049,7 +1151,7 @@ class _Run:
         read-back then overlap the next round's kernels instead of leaving the GPU idle. A row that
         finished keeps riding along for that one extra round; its tokens there are discarded."""
         eng, st = self.engine, self.st
-        pipelined = eng.pipeline and self.mode in ("ar", "sd") and not eng.profile
+        pipelined = self.pipelined
         while not all(st.done) or self._inflight is not None:
             launched = self._launch() if not all(st.done) else None
             if not pipelined:
@@ -1074,17 +1176,26 @@ class _Run:
         stats = ssd.RoundStats(accepted=[])
         if eng.check_sync:   # tests: any host synchronization inside a round raises
             torch.cuda.set_sync_debug_mode("error")
+        # SSD's fan-out and backup follow the estimates up to two rounds back, pipelined or not (pipelined, the
+        # last round is still in flight): the same seed gives the same tokens either way
+        est = self.est if self.pipelined else self.est_before
         try:
-            n, new, hit_next = self.round_fn(st, self.req, stats, self.est)
+            out = self.round_fn(st, self.req, stats, est)
         finally:
             if eng.check_sync:
                 torch.cuda.set_sync_debug_mode("default")
-        packed = torch.cat([n[:, None], new, hit_next[:, None].long()], 1)[:self.B]
+        if isinstance(out, tuple):
+            n, new, hit_next = out
+            out = torch.cat([n[:, None], new, hit_next[:, None].long()], 1)
+        packed = out[:self.B]
         ready = None
-        if packed.is_cuda:    # copy back without waiting; _finish waits for this event only
-            packed = packed.to("cpu", non_blocking=True)
+        if packed.is_cuda:    # copy back without waiting (ordered before the next round's writes); _finish waits
+            packed = packed.to("cpu", non_blocking=True)    # for this event only
             ready = torch.cuda.Event()
             ready.record()
+        else:                 # the SSD round's packed output is a buffer the next round overwrites
+            packed = packed.clone()
+        stats.times["host"] = time.perf_counter() - t_round   # the host's time to launch the round (no waiting)
         return dict(stats=stats, packed=packed, ready=ready, t_round=t_round, epoch=list(st.epoch),
                     active=[not d for d in st.done])
 
@@ -1106,7 +1217,12 @@ class _Run:
             stats.spans.append(("round", r["t_round"], t_end, "round"))
         if not any(stats.active):
             return None
+        if self.device_hits and stats.hit is None:   # this round's hits, decided on the device
+            stats.hit = [bool(row[-1]) for row in packed]
+            if all(h or not on for h, on in zip(stats.hit, stats.active)):
+                stats.backup = None                       # no row took the backup
         eng._commit_host(st, self.req, packed, stats)
+        self.est_before = copy.copy(self.est)
         self.est.update(stats)
         self.rounds.append(stats)
         return stats
@@ -1138,6 +1254,7 @@ class _Run:
             raise ValueError(f"an admitted prompt needs 1..{eng.max_seq - req.max_new_tokens - req.k_used - 2} tokens "
                              f"here (the engine's max_seq), got {len(prompt)}")
         req.context_limit = max(req.context_limit, needed)
+        st.context_limit.fill_(req.context_limit)
         b = free[0]
         if temperature is not None:
             req.t[b], req.t_draft[b] = float(temperature), float(temperature)
@@ -1157,6 +1274,11 @@ class _Run:
         st.lens[b], st.last_n[b] = T + 1, 0
         if st.spec is not None:    # the old occupant's speculations must never match
             st.spec["j"][b] = -1
+        rnd = eng.ssd_round if self.mode == "ssd" else None
+        if rnd is not None:
+            if req.send_q and not rnd.send_q:   # a sampling row joins a greedy run: q rows from now on
+                rnd.enable_q()
+            rnd.spec_j[b] = -1
         if st.looked_up is not None:
             st.looked_up[2][b] = False
         if b >= self.B:

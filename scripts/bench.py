@@ -17,7 +17,8 @@ Systems, side by side on the same weights, prompts and output length (every run 
   hf_assisted  transformers assisted generation with the same draft (batch 1 only: transformers' limit)
   ref          our readable reference (ssd.py) on the CPU in float32, a short run for scale (AR, SD, SSD)
   ar, sd, ssd  our fast engine (ssd_fast.py); SSD with the draft on its own GPU and its side of the round
-               overlapping the verify when there are two GPUs (--ssd-draft-device auto), else sequential
+               overlapping the verify (on its own GPU when there are two, --ssd-draft-device auto; else on a second
+               stream of the same GPU)
   ssd_seq      (opt-in) SSD with the draft on the target's device, one part after the other
 Pairs (--pairs):
   smollm2      SmolLM2-135M-Instruct (embedded) + the distilled draft (models/smollm2-draft)
@@ -895,11 +896,11 @@ class Child:
             loader = (tp_load_target, (pair.name, a.expand_k, str(a.dtype).replace("torch.", ""), on_gpu))
             eng = ssd_fast.Engine(pair.target, self.draft, device=dev, dtype=a.dtype, draft_device=dd_tp,
                                   concurrent=it["system"] == "ssd", tp=world, tp_loader=loader, **common)
-        elif kind == "main":
-            eng = ssd_fast.Engine(pair.target, self.draft, device=dev, **common)
-        else:
-            concurrent = a.ssd_concurrent == "on" or (a.ssd_concurrent == "auto" and dd != dev)
-            if dd == dev and not concurrent:
+        elif kind == "main":   # AR, SD, and SSD one part after the other (ssd_seq)
+            eng = ssd_fast.Engine(pair.target, self.draft, device=dev, concurrent=False, **common)
+        else:   # SSD: --ssd-concurrent auto leaves it to the engine's default
+            concurrent = {"on": True, "off": False, "auto": None}[a.ssd_concurrent]
+            if dd == dev and concurrent is False:
                 return self.engine("main", it)
             eng = ssd_fast.Engine(pair.target, self.draft, device=dev, draft_device=dd, concurrent=concurrent, **common)
         self.engines[kind] = eng
@@ -1661,8 +1662,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default bfloat16 on a GPU, float32 on a CPU")
     ap.add_argument("--ssd-draft-device", default="auto", help="SSD's draft device: auto = the next GPU when two are visible")
     ap.add_argument("--ssd-concurrent", choices=["auto", "on", "off"],
-                    help="SSD's draft side on its own worker overlapping the verify (auto, the grid's default: when "
-                         "it has its own device; the sweep's default: on)")
+                    help="SSD's draft side concurrent with the verify: on its own stream inside the round's graph "
+                         "(one device) or on its own device (auto, the grid's default: the engine's default; the "
+                         "sweep's default: on)")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled runs (and the speed model's predictions)")
     ap.add_argument("--budget-s", type=float, default=0, help="start no new measurement after this many seconds")
     ap.add_argument("--item-timeout-s", type=float, default=300,

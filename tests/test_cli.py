@@ -379,8 +379,9 @@ def test_profile_writes_a_chrome_trace(tiny_dirs, capsys, tmp_path):
 
 @pytest.mark.parametrize("concurrent", [False, True])
 def test_fast_profile_trace_shows_the_real_spans(tiny_dirs, capsys, tmp_path, concurrent):
-    """The fast engine's trace holds the measured spans: each part inside its round, and with
-    --concurrent the glue pass and tree decode on the draft worker's track, overlapping the verify."""
+    """The fast engine's trace holds the measured spans, each part inside its round. On a CPU (one device) the
+    parts run on the main thread one after the other, --concurrent or not (on a GPU the draft side is a second
+    stream inside the round's graph; a worker thread only serves a draft on its own GPU)."""
     path = tmp_path / "trace.json"
     data = run_json(capsys, "--prompt", "Hi", *pair(tiny_dirs, "target"), "--mode", "ssd", "--k", "2", "--max-new-tokens",
                     "9", "--no-chat", "--profile", path, *(["--concurrent"] if concurrent else []), backend="fast")
@@ -394,7 +395,7 @@ def test_fast_profile_trace_shows_the_real_spans(tiny_dirs, capsys, tmp_path, co
             r = rounds[e["args"]["round"]]
             assert r["ts"] - 1 <= e["ts"] and e["ts"] + e["dur"] <= r["ts"] + r["dur"] + 1, e
     glue_track = {e["tid"] for e in events if e["name"] in ("glue", "tree")}
-    assert glue_track == {threads["draft worker" if concurrent else "main thread"]}
+    assert glue_track == {threads["main thread"]}
     assert {e["tid"] for e in events if e["name"] == "verify"} == {threads["main thread"]}
 
 
@@ -589,13 +590,13 @@ def test_choose_lookahead_table(tiny_dirs):
     assert best["k"] == k and all(r["verify_ms"] > 0 and r["draft_ms"] > 0 for r in table)
 
 
-def test_concurrent_flag_runs_the_draft_on_its_worker(tiny_dirs, capsys):
+def test_concurrent_flag_keeps_the_tokens(tiny_dirs, capsys):
     plain = run_json(capsys, "--prompt", "Hi", *pair(tiny_dirs, "draft"), "--mode", "ssd", "--k", "3",
                      "--max-new-tokens", "8", "--no-chat", backend="fast")
     overlapped = run_json(capsys, "--prompt", "Hi", *pair(tiny_dirs, "draft"), "--mode", "ssd", "--k", "3",
                           "--max-new-tokens", "8", "--no-chat", "--concurrent", backend="fast")
     assert overlapped["token_ids"] == plain["token_ids"]
-    assert "wait_draft" in overlapped["stats"]["time_s"]
+    assert {"glue", "tree", "verify"} <= set(overlapped["stats"]["time_s"])
 
 
 # ---------------------------------------------------------------------------------------------
