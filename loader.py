@@ -228,7 +228,7 @@ class Checkpoint:
     # --- loading ----------------------------------------------------------------------------------
 
     def fast_model(self, device, dtype, ops, linear="torch"):
-        """The whole model as an ssd_fast.FastModel on `device` in `dtype`."""
+        """The whole model as a fast_model.FastModel on `device` in `dtype`."""
         return self._load(0, 1, device, dtype, ops, linear)
 
     def fast_shard(self, rank, world, device, dtype, ops):
@@ -236,8 +236,8 @@ class Checkpoint:
         return self._load(rank, world, device, dtype, ops, "torch")
 
     def _load(self, rank, world, device, dtype, ops, linear):
-        import ssd_fast
-        ssd_fast.FastModel.check_supported(self.cfg)
+        import fast_model
+        fast_model.FastModel.check_supported(self.cfg)
         device = torch.device(device)
         local, layer_plan, top_plan = self.plan(rank, world)
         rss_before = host_memory()[0]
@@ -259,7 +259,7 @@ class Checkpoint:
         self.loads.append(dict(name=self.name, rank=rank, world=world, device=str(device),
                                seconds=round(time.perf_counter() - t0, 3), bytes=self._done[0],
                                tensors=self._done[2], host_rss_before=rss_before, host_rss_peak=host_memory()[1]))
-        return ssd_fast.FastModel.from_weights(local, layers, top["embed"], lm_head, top["norm"], device, dtype, ops,
+        return fast_model.FastModel.from_weights(local, layers, top["embed"], lm_head, top["norm"], device, dtype, ops,
                                                linear, n_params=self.n_params)
 
     def _build(self, dest: Dest | None, device, dtype):
@@ -397,15 +397,15 @@ def weight_bytes(cfg: ssd.ModelConfig, dtype_bytes: int, tp: int = 1) -> int:
 
 def kv_bytes(cfg: ssd.ModelConfig, dtype_bytes: int, tp: int, batch: int, slots: int, branches: int = 0,
              k: int = 0) -> int:
-    """One rank's KV cache (ssd_fast.FastCache): keys and values of its KV heads, every layer, `slots` per row,
+    """One rank's KV cache (fast_model.FastCache): keys and values of its KV heads, every layer, `slots` per row,
     and SSD's tree buffers (branches x K) for a draft."""
     per_slot = 2 * cfg.num_hidden_layers * (cfg.num_key_value_heads // tp) * cfg.head_dim * dtype_bytes
     return per_slot * batch * (slots + (max(branches, 1) * max(k, 1) if branches else 0))
 
 
 def bucket(batch: int) -> int:
-    import ssd_fast
-    return ssd_fast.bucket(batch)
+    import fast_model
+    return fast_model.bucket(batch)
 
 
 @dataclasses.dataclass

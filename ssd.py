@@ -25,7 +25,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -672,7 +672,8 @@ def choose_backup(batch: int, est) -> str:
     t_verify = est.t_verify or 1.0
     t_jit = est.t_jit or est.jit_cost_ratio * t_verify
     tokens_draft = (1 - a ** (k + 1)) / (1 - a)               # E[tokens per round] with draft proposals
-    jit = tokens_draft / (t_verify + (1 - h ** batch) * t_jit)
+    waits = 1.0 if est.jit_always else 1 - h ** batch           # a jit backup launched every round costs every round
+    jit = tokens_draft / (t_verify + waits * t_jit)
     cheap = (h * tokens_draft + (1 - h) * est.tokens_cheap) / t_verify
     return "jit" if jit >= cheap else "fast"
 
@@ -686,6 +687,8 @@ class Estimates:
     t_verify: float | None = None       # seconds, when measured
     t_jit: float | None = None
     jit_cost_ratio: float = 1.0         # t_jit / t_verify when not measured
+    jit_always: bool = False            # the jit backup runs in every round, hit or not (ssd_fast: a CUDA graph
+                                        # without conditional nodes keeps its result only where a row missed)
     tokens_cheap: float = 1.2
     accepted: float = 2.8               # pseudo-counts: the prior a = 0.7 weighs as 4 trials
     trials: float = 4.0
@@ -892,38 +895,78 @@ class Request:
     seed: int
 
 
-def make_request(target, prompts, draft=None, mode="ar", k=4, temperature=0.0, draft_temperature=None, top_k=0,
-                 top_p=1.0, fan_out="auto", fan_out_budget=None, saguaro_c=1.0, backup="auto", miss_exponent=1.0,
-                 max_new_tokens=64, seed=0, eos_token_id=None, max_context=None) -> Request:
-    """Check every argument once, with a message that says what to do."""
+@dataclass(frozen=True)
+class Settings:
+    """How to decode: generate's keywords as one object, checked at construction with a message that says what to
+    do (the checks that need the models or prompts, like the context window, are make_request's). Pass one to
+    generate / ssd_fast.Engine.generate as `settings=`, or the same names as keywords (they override it)."""
+    mode: str = "ar"                    # ar | sd | ssd (the fast engine also takes "auto" at the command line)
+    k: int | str = 4                    # lookahead K: draft tokens per round ("auto": ssd_fast measures)
+    temperature: float | list = 0.0     # per row or for all; 0 = greedy
+    draft_temperature: float | list | None = None   # default: the target's
+    top_k: int = 0
+    top_p: float = 1.0
+    fan_out: str | int | list = "auto"  # "auto" (Saguaro's geometric fan-out), F for every outcome, or K+1 values
+    fan_out_budget: int | None = None   # speculations per row and round under "auto" (default 4(K+1))
+    saguaro_c: float = 1.0              # Saguaro sampling's C in (0, 1]
+    backup: str = "auto"                # auto | jit | fast
+    miss_exponent: float = 1.0          # the power-law miss model of the geometric fan-out
+    max_new_tokens: int = 64
+    seed: int = 0
+    eos_token_id: int | list | None = None   # default: the target's
+
+    def __post_init__(self):
+        if self.mode not in ROUNDS:
+            raise ValueError(f"mode must be one of ar, sd, ssd (got {self.mode!r})")
+        if not (self.k == "auto" or (isinstance(self.k, int) and self.k >= 1)):
+            raise ValueError(f"k (draft tokens per round) must be an integer >= 1, got {self.k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0.0 < self.saguaro_c <= 1.0):
+            raise ValueError(f"saguaro_c must be in (0, 1], got {self.saguaro_c}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.backup not in ("auto", "jit", "fast"):
+            raise ValueError(f"backup must be auto, jit or fast (got {self.backup!r})")
+        if self.fan_out_budget is not None and self.fan_out_budget < 1:
+            raise ValueError(f"fan_out_budget must be >= 1, got {self.fan_out_budget}")
+        for name in ("temperature", "draft_temperature"):
+            value = getattr(self, name)
+            for v in (value if isinstance(value, (list, tuple)) else [] if value is None else [value]):
+                if not (isinstance(v, (int, float)) and v >= 0):
+                    raise ValueError(f"{name} must be a number >= 0, got {v}")
+
+    @classmethod
+    def of(cls, settings: "Settings | None" = None, **kw) -> "Settings":
+        """`settings` with the keywords in `kw` replacing its fields (a new, checked object)."""
+        unknown = set(kw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown settings {sorted(unknown)}")
+        return replace(settings, **kw) if settings is not None else cls(**kw)
+
+
+def make_request(target, prompts, draft=None, settings: Settings | None = None, max_context=None, **kw) -> Request:
+    """The request for these models and prompts: the settings (or keywords) checked against them once."""
+    s = Settings.of(settings, **kw)
+    mode, k = s.mode, s.k
     batch_prompts = [list(prompts)] if prompts and isinstance(prompts[0], int) else [list(p) for p in prompts]
     B = len(batch_prompts)
     if B == 0 or any(len(p) == 0 for p in batch_prompts):
         raise ValueError("every prompt needs at least one token")
-    if mode not in ROUNDS:
-        raise ValueError(f"mode must be one of ar, sd, ssd (got {mode!r})")
     if mode != "ar" and draft is None:
         raise ValueError(f"mode {mode} needs a draft model")
-    if not (isinstance(k, int) and k >= 1):
-        raise ValueError(f"k (draft tokens per round) must be an integer >= 1, got {k}")
-    if not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if not (0.0 < saguaro_c <= 1.0):
-        raise ValueError(f"saguaro_c must be in (0, 1], got {saguaro_c}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if backup not in ("auto", "jit", "fast"):
-        raise ValueError(f"backup must be auto, jit or fast (got {backup!r})")
+    if k == "auto":
+        raise ValueError("k='auto' is the fast engine's (it measures the models): give an integer K here")
     if draft is not None:
         check_compatible(target, draft)
     k_used = k if mode != "ar" else 0
-    t = _per_row(temperature, B, "temperature")
-    t_draft = t if draft_temperature is None else _per_row(draft_temperature, B, "draft_temperature")
+    t = _per_row(s.temperature, B, "temperature")
+    t_draft = t if s.draft_temperature is None else _per_row(s.draft_temperature, B, "draft_temperature")
     fan = None
-    if mode == "ssd" and fan_out != "auto":
-        fan = [int(fan_out)] * (k + 1) if isinstance(fan_out, int) else [int(f) for f in fan_out]
+    if mode == "ssd" and s.fan_out != "auto":
+        fan = [int(s.fan_out)] * (k + 1) if isinstance(s.fan_out, int) else [int(f) for f in s.fan_out]
         if len(fan) != k + 1 or min(fan) < 0 or sum(fan) < 1:
             raise ValueError(f"fan_out must be 'auto', a positive int, or K+1 = {k + 1} non-negative ints")
     max_ctx = min(target.cfg.max_position_embeddings, draft.cfg.max_position_embeddings if draft else 1 << 30,
@@ -932,21 +975,20 @@ def make_request(target, prompts, draft=None, mode="ar", k=4, temperature=0.0, d
     if longest + k_used + 2 > max_ctx:
         raise ValueError(f"prompt of {longest} tokens does not fit the context window of {max_ctx} tokens "
                          f"(with room for K+2 = {k_used + 2} more): shorten the prompt")
+    eos_token_id = s.eos_token_id
     eos = set(target.cfg.eos_token_ids if eos_token_id is None else
               [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
-    return Request(prompts=batch_prompts, mode=mode, k=k, k_used=k_used, t=t, t_draft=t_draft, top_k=top_k,
-                   top_p=top_p, fan=fan, budget=fan_out_budget or 4 * (k + 1), c=saguaro_c, backup=backup,
-                   miss_exponent=miss_exponent, max_new_tokens=max_new_tokens, eos=eos,
-                   context_limit=min(max_ctx, longest + max_new_tokens + k_used + 2), seed=seed)
+    return Request(prompts=batch_prompts, mode=mode, k=k, k_used=k_used, t=t, t_draft=t_draft, top_k=s.top_k,
+                   top_p=s.top_p, fan=fan, budget=s.fan_out_budget or 4 * (k + 1), c=s.saguaro_c, backup=s.backup,
+                   miss_exponent=s.miss_exponent, max_new_tokens=s.max_new_tokens, eos=eos,
+                   context_limit=min(max_ctx, longest + s.max_new_tokens + k_used + 2), seed=s.seed)
 
 
 @torch.no_grad()
-def generate(target: Transformer, prompts, draft: Transformer | None = None, mode: str = "ar", k: int = 4,
-             temperature=0.0, draft_temperature=None, top_k: int = 0, top_p: float = 1.0,
-             fan_out="auto", fan_out_budget: int | None = None, saguaro_c: float = 1.0, backup: str = "auto",
-             miss_exponent: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-             eos_token_id=None, on_round=None) -> GenerationResult:
-    """Generate from one prompt (a list of token ids) or a batch (a list of lists, any lengths).
+def generate(target: Transformer, prompts, draft: Transformer | None = None, settings: Settings | None = None,
+             on_round=None, **kw) -> GenerationResult:
+    """Generate from one prompt (a list of token ids) or a batch (a list of lists, any lengths), decoding as
+    `settings` says (a Settings, or its fields as keywords: mode "ar" | "sd" | "ssd", k, temperature, ...).
 
     mode "ar" | "sd" | "ssd"; k: draft tokens per round; temperature (and draft_temperature,
     default the same) per row or for all; top_k / top_p apply to target and draft alike;
@@ -956,8 +998,10 @@ def generate(target: Transformer, prompts, draft: Transformer | None = None, mod
     `on_round(tokens_so_far, stats)` is called after every round (for streaming); it may return the
     rows to stop now (e.g. a stop string appeared), which finish with reason "stop". Ctrl-C ends
     the generation cleanly: unfinished rows keep their tokens and finish with "interrupted"."""
-    req = make_request(target, prompts, draft, mode, k, temperature, draft_temperature, top_k, top_p, fan_out,
-                       fan_out_budget, saguaro_c, backup, miss_exponent, max_new_tokens, seed, eos_token_id)
+    s = Settings.of(settings, **kw)
+    req = make_request(target, prompts, draft, s)
+    mode, k, top_k, top_p, seed = s.mode, s.k, s.top_k, s.top_p, s.seed
+    saguaro_c, backup, miss_exponent, max_new_tokens = s.saguaro_c, s.backup, s.miss_exponent, s.max_new_tokens
     batch_prompts, B, k_used, eos, context_limit = req.prompts, len(req.prompts), req.k_used, req.eos, req.context_limit
     rng = random_streams(seed)        # one generator per sampling site (see SITES)
     scratch = (sum(req.fan) if req.fan else req.budget) * k if mode == "ssd" else 0

@@ -51,288 +51,13 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 import ssd
+import ssd_round
+import tp as tensor_parallel
+from fast_model import BUCKETS, FastCache, FastModel, Graphed, Ops, Runner, _RowCache, bucket, on_device  # noqa: F401
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 SIDE_STREAM_PRIORITY = -1   # SSD's draft side on one GPU: -1 = high (CUDA: lower numbers are higher priorities)
-
-
-def on_device(device):
-    """Make `device` the current CUDA device (a no-op on the CPU). Triton launches, CUDA graph capture
-    and replay, and new streams all use the *current* device, not the one their tensors live on: the
-    draft's work on its own GPU must run under this."""
-    device = torch.device(device)
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def bucket(batch: int) -> int:
-    for b in BUCKETS:
-        if batch <= b:
-            return b
-    return batch
-
-
-class Ops:
-    """The Triton kernels on a GPU; their PyTorch references (same signatures) on a CPU. `triton` names
-    kernels to take from Triton whatever `use_triton` says: on a CPU they run in Triton's interpreter
-    (TRITON_INTERPRET=1), which is how the tests sample through the real verify and race kernels."""
-    NAMES = ("cache_attention", "tree_attention", "add_rmsnorm", "rmsnorm", "rope", "rope_kv_write",
-             "sample_exponential_race", "verify", "silu_mul", "skinny_linear")
-
-    def __init__(self, use_triton: bool, triton=()):
-        import kernels
-        unknown = set(triton) - set(self.NAMES)
-        if unknown:
-            raise ValueError(f"unknown kernels {sorted(unknown)}: choose from {', '.join(self.NAMES)}")
-        for name in self.NAMES:
-            setattr(self, name, getattr(kernels, name if use_triton or name in triton else name + "_ref"))
-        self.use_triton = use_triton
-
-
-# ---------------------------------------------------------------------------------------------
-# The model, re-laid for speed
-# ---------------------------------------------------------------------------------------------
-
-class FastCache:
-    """Main KV slots [B, S, Hkv, D] per layer (slot = position) and, for SSD's tree, a chain buffer
-    [B, N, K, Hkv, D] per layer: branch i's depth-d key lives at [:, i, d]."""
-
-    def __init__(self, cfg, batch, slots, branches, k, dtype, device):
-        shape = (batch, slots, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        tree = (batch, max(branches, 1), max(k, 1), cfg.num_key_value_heads, cfg.head_dim)
-        self.k_tree = [torch.zeros(tree, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)] if branches else None
-        self.v_tree = [torch.zeros(tree, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)] if branches else None
-        self.slots = slots
-
-
-class FastModel:
-    """`linear` picks the implementation of the projections of steps with at most kernels.SKINNY_MAX_ROWS
-    (= 1) rows, i.e. decode at batch 1: "torch" (F.linear, cuBLAS), "triton" (kernels.skinny_linear) or
-    "auto" (on a GPU, per projection, whichever timed faster on this model's weights; see choose_linear).
-    Steps with more rows (batches, verify, prefill, the tree) always use F.linear."""
-
-    def __init__(self, model: ssd.Transformer, device, dtype, ops: Ops, linear="torch"):
-        cfg = model.cfg
-        self.check_supported(cfg)
-
-        def w(t):
-            return None if t is None else t.detach().to(device=device, dtype=dtype).contiguous()
-        layers = []
-        for block in model.model.layers:
-            a, m = block.self_attn, block.mlp
-            biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
-            layers.append(dict(
-                ln1=w(block.input_layernorm.weight), ln2=w(block.post_attention_layernorm.weight),
-                wqkv=w(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
-                bqkv=w(torch.cat(biases)) if biases[0] is not None else None,
-                wo=w(a.o_proj.weight), bo=w(a.o_proj.bias),
-                q_norm=w(a.q_norm.weight) if cfg.qk_norm else None, k_norm=w(a.k_norm.weight) if cfg.qk_norm else None,
-                w_gate_up=w(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
-                b_gate_up=w(torch.cat([m.gate_proj.bias, m.up_proj.bias])) if m.gate_proj.bias is not None else None,
-                w_down=w(m.down_proj.weight), b_down=w(m.down_proj.bias)))
-        embed = w(model.model.embed_tokens.weight)
-        lm_head = embed if cfg.tie_word_embeddings else w(model.lm_head.weight)
-        self._setup(cfg, layers, embed, lm_head, w(model.model.norm.weight), device, dtype, ops, linear,
-                    sum(p.numel() for p in model.parameters()))
-
-    @classmethod
-    def from_weights(cls, cfg, layers, embed, lm_head, norm, device, dtype, ops: Ops, linear="torch", n_params=None):
-        """A FastModel from tensors already in its layout on `device` in `dtype` (loader.py streams a checkpoint
-        into them): `layers` holds one dict per layer with the keys __init__ builds (ln1, ln2, wqkv, bqkv, wo, bo,
-        q_norm, k_norm, w_gate_up, b_gate_up, w_down, b_down; None where the model has no such weight)."""
-        cls.check_supported(cfg)
-        self = cls.__new__(cls)
-        if n_params is None:
-            tensors = [embed, norm, *(t for L in layers for t in L.values() if t is not None)]
-            n_params = sum(t.numel() for t in tensors) + (0 if lm_head is embed else lm_head.numel())
-        self._setup(cfg, layers, embed, lm_head, norm, device, dtype, ops, linear, n_params)
-        return self
-
-    @classmethod
-    def of(cls, model, device, dtype, ops: Ops, linear="torch"):
-        """What the Engine takes as a model: an ssd.Transformer (re-laid here), a FastModel (used as it is), or a
-        loader handle with `fast_model(device, dtype, ops, linear)` (loader.Checkpoint: streamed to the device)."""
-        if isinstance(model, FastModel):
-            return model
-        if isinstance(model, ssd.Transformer):
-            return cls(model, device, dtype, ops, linear)
-        return model.fast_model(device, dtype, ops, linear)
-
-    @staticmethod
-    def check_supported(cfg):
-        rope_type = (cfg.rope_scaling or {}).get("rope_type", "default")
-        if cfg.sliding_window or rope_type == "dynamic" or cfg.partial_rotary_factor != 1.0:
-            raise ValueError("ssd_fast.py does not support sliding-window attention, dynamic RoPE or partial "
-                             "rotary embeddings yet: use ssd.py for this checkpoint")
-
-    def _setup(self, cfg, layers, embed, lm_head, norm, device, dtype, ops, linear, n_params):
-        self.cfg, self.ops, self.device, self.dtype = cfg, ops, device, dtype
-        self.layers, self.embed, self.lm_head, self.norm = layers, embed, lm_head, norm
-        inv_freq, scale = ssd.rope_inv_freq(cfg)
-        # Tree branches run up to 2K positions past the context: room for K up to 512.
-        angles = torch.arange(cfg.max_position_embeddings + 1024, dtype=torch.float64)[:, None] * inv_freq
-        self.cos = (angles.cos() * scale).float().to(device)
-        self.sin = (angles.sin() * scale).float().to(device)
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.n_params = n_params
-        self.linear, self.linear_times = {}, {}   # projection name -> None (F.linear) or a skinny config
-        if linear not in ("torch", "triton", "auto"):
-            raise ValueError(f"linear must be torch, triton or auto, got {linear!r}")
-        if linear != "torch" and ops.use_triton:
-            self.choose_linear(timed=linear == "auto")
-
-    PROJECTIONS = ("wqkv", "wo", "w_gate_up", "w_down", "lm_head")
-
-    def _weights(self, name):
-        return [self.lm_head] if name == "lm_head" else [L[name] for L in self.layers]
-
-    def choose_linear(self, timed=True):
-        """Per projection: time F.linear against the skinny kernel's configs over every layer's weight and
-        keep the faster (timed), or take the skinny kernel's first config (timed=False). Before any graph
-        capture: the timing synchronizes."""
-        import kernels
-        self.skinny_max_rows = kernels.SKINNY_MAX_ROWS
-        with on_device(self.device):
-            for name in self.PROJECTIONS:
-                if timed:
-                    self.linear[name], self.linear_times[name] = kernels.skinny_linear_choose(self._weights(name))
-                else:
-                    self.linear[name] = kernels.SKINNY_CONFIGS[0]
-
-    def _linear(self, h, name, w, b=None):
-        cfg = self.linear.get(name)
-        if cfg is not None and h.numel() // h.shape[-1] <= self.skinny_max_rows:
-            return self.ops.skinny_linear(h, w, b, cfg)
-        return F.linear(h, w, b)
-
-    def new_cache(self, batch, slots, branches=0, k=0) -> FastCache:
-        return FastCache(self.cfg, batch, slots, branches, k, self.dtype, self.device)
-
-    def forward(self, tokens, positions, cache: FastCache, tree=None):
-        """tokens, positions [B, T]. Without `tree`: the T tokens sit at slots = positions, which
-        continue each row's valid prefix (query t sees slots 0 .. positions[b, 0] + t).
-        With tree = (trunk_lens [B], branch_glue [B, N], depth): SSD's tree step, one query per branch.
-        Returns float32 logits [B, T, V]."""
-        with on_device(self.device):
-            return self._forward(tokens, positions, cache, tree)
-
-    def _forward(self, tokens, positions, cache, tree):
-        cfg, ops = self.cfg, self.ops
-        B, T = tokens.shape
-        H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        x, resid = self.embed[tokens], None
-        for i, L in enumerate(self.layers):
-            h, resid = ops.add_rmsnorm(x, resid, L["ln1"], cfg.rms_norm_eps)
-            qkv = self._linear(h, "wqkv", L["wqkv"], L["bqkv"])
-            if tree is None and not cfg.qk_norm:   # decode / verify: RoPE and the cache write in one launch
-                q = ops.rope_kv_write(qkv.view(B, T, H + 2 * Hkv, D), positions, self.cos, self.sin,
-                                      cache.k[i], cache.v[i], H, Hkv)
-                attn = ops.cache_attention(q, cache.k[i], cache.v[i], positions[:, 0], self.scale)
-            else:
-                attn = self._attention_unfused(qkv, positions, cache, tree, i, L)
-            x = self._linear(attn.reshape(B, T, H * D), "wo", L["wo"], L["bo"])
-            h, resid = ops.add_rmsnorm(x, resid, L["ln2"], cfg.rms_norm_eps)
-            gate_up = self._linear(h, "w_gate_up", L["w_gate_up"], L["b_gate_up"])
-            x = self._linear(ops.silu_mul(gate_up), "w_down", L["w_down"], L["b_down"])
-        h, _ = ops.add_rmsnorm(x, resid, self.norm, cfg.rms_norm_eps)
-        return self._linear(h, "lm_head", self.lm_head).float()
-
-    def _attention_unfused(self, qkv, positions, cache, tree, i, L):
-        """Attention of layer i with the separate RoPE and cache writes: Qwen3's q/k norms come between
-        the projection and RoPE, and the tree step writes its keys to the branch buffers."""
-        cfg, ops = self.cfg, self.ops
-        B, T = positions.shape
-        H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
-        if cfg.qk_norm:
-            q, k = ops.rmsnorm(q, L["q_norm"], cfg.rms_norm_eps), ops.rmsnorm(k, L["k_norm"], cfg.rms_norm_eps)
-            q, k = ops.rope(q, positions, self.cos, self.sin), ops.rope(k, positions, self.cos, self.sin)
-        else:  # q and k are adjacent heads of qkv: rotate both with one launch
-            qk = ops.rope(qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D), positions, self.cos, self.sin)
-            q, k = qk[:, :, :H], qk[:, :, H:]
-        if tree is None:
-            rows = torch.arange(B, device=positions.device)[:, None]
-            cache.k[i][rows, positions] = k
-            cache.v[i][rows, positions] = v
-            return ops.cache_attention(q, cache.k[i], cache.v[i], positions[:, 0], self.scale)
-        trunk_lens, branch_glue, depth = tree
-        cache.k_tree[i][:, :, depth] = k
-        cache.v_tree[i][:, :, depth] = v
-        return ops.tree_attention(q, cache.k[i], cache.v[i], trunk_lens, branch_glue, cache.k_tree[i],
-                                  cache.v_tree[i], depth, self.scale)
-
-class Graphed:
-    """A model step as a CUDA graph for fixed shapes: inputs are copied into static buffers and the
-    graph is replayed. Capture happens at first use with the real inputs: the warm-up run writes the
-    same KV values the replay writes again, so capturing never disturbs the caches.
-
-    Two things matter once the draft works on another thread or GPU. The capture stream is made on the
-    model's own device (torch.cuda.graph's default capture stream is created once, on whichever device
-    captured first). And no capture overlaps another thread's capture or replay: while a capture is
-    open, the device's random generator is in capture mode, and a random draw from another thread (a
-    replayed sampling step) would break it; `lock` serializes them (captures happen in the first
-    rounds only; a replay holds the lock for the microseconds of its launch)."""
-    lock = threading.RLock()
-
-    def __init__(self, fn, inputs: dict, pool, generators=()):   # (run under on_device(the model's device))
-        with Graphed.lock:
-            self.static = {k: v.clone() for k, v in inputs.items()}
-            # The random draws of a replay come from `generators` (registered with the graph, so each replay
-            # advances them). The warm-up runs draw too: their draws are undone, so that a step draws the
-            # same numbers whether its graph was captured in this call or long before (same seed, same output).
-            states = [g.get_state() for g in generators]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    fn(**self.static)
-            torch.cuda.current_stream().wait_stream(stream)
-            for g, state in zip(generators, states):
-                g.set_state(state)
-            self.graph = torch.cuda.CUDAGraph()
-            for g in generators:
-                self.graph.register_generator_state(g)
-            with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                self.out = fn(**self.static)
-
-    def __call__(self, **inputs):
-        with Graphed.lock:
-            for k, v in inputs.items():
-                self.static[k].copy_(v)
-            self.graph.replay()
-        return self.out
-
-
-class Runner:
-    """Runs FastModel steps, through CUDA graphs keyed by (name, shape) when enabled."""
-
-    def __init__(self, model: FastModel, use_graphs: bool):
-        self.model, self.use_graphs, self.graphs = model, use_graphs, {}
-        self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
-        self.generators = ()    # the random generators this device's steps draw from (set by the Engine)
-
-    def step(self, cache, tokens, positions):
-        fn = lambda tokens, positions: self.model.forward(tokens, positions, cache)  # noqa: E731
-        return self._run(("step", id(cache), tuple(tokens.shape)), fn, tokens=tokens, positions=positions)
-
-    def run(self, key, fn, **inputs):
-        """fn(**inputs) as a CUDA graph keyed by `key` (which must name every constant fn closes over).
-        The outputs are static buffers, overwritten by the next replay of the same graph."""
-        return self._run(key, fn, **inputs)
-
-    def _run(self, key, fn, **inputs):
-        with on_device(self.model.device):
-            if not self.use_graphs:
-                return fn(**inputs)
-            if key not in self.graphs:
-                self.graphs[key] = Graphed(fn, inputs, self.pool, self.generators)
-            return self.graphs[key](**inputs)
-
 
 # ---------------------------------------------------------------------------------------------
 # The engine: the rounds of ssd.py with the state on the device
@@ -383,7 +108,6 @@ class Engine:
             ssd.check_compatible(target, draft)
         self.draft_device = torch.device(draft_device) if draft_device is not None else self.device
         if tp > 1 and draft_device is None and draft is not None:   # the draft on the GPU after the target's
-            import tp as tensor_parallel
             self.draft_device = tensor_parallel.choose_draft_device(self.device, tp, log)
         if self.draft_device.type == "cuda" and (self.draft_device.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"draft device {self.draft_device} asked for, but only {torch.cuda.device_count()} GPU(s) "
@@ -393,7 +117,6 @@ class Engine:
         # overhead would cost more than cuBLAS saves, so without graphs only an explicit "triton" uses it.
         linear = linear if graphs or linear == "triton" else "torch"
         if tp > 1:   # the target split over tp processes, this one being rank 0 (tp.py)
-            import tp as tensor_parallel
             self.target = tensor_parallel.TPTarget(target, tp, tp_loader, self.device, self.dtype, self.ops, graphs,
                                                    log)
             self.t_run = tensor_parallel.TPRunner(self.target, graphs)
@@ -432,7 +155,7 @@ class Engine:
         self.worker = (DraftWorker(self.draft_device if on_gpu else None)
                        if self.concurrent and draft is not None and not self.one_device_ssd else None)
         self.use_graphs = graphs
-        self.ssd_rounds, self.buffers, self._side_stream = {}, {}, None
+        self.ssd_rounds, self.buffers, self._side_stream, self._pinned_buffers = {}, {}, None, {}
         self.st = self.ssd_round = None   # the batch being decoded and its SSD round (one-device SSD)
         self.log, self.draft_failed = log, False
         self.profile = False
@@ -499,6 +222,14 @@ class Engine:
                 context_limit=torch.zeros((), **long))
         return self.buffers[key]
 
+    def _pinned(self, shape, i):
+        """One of two pinned host buffers per shape for a round's read-back (round i uses buffer i % 2: pipelined,
+        round i + 2 is launched only after round i was read). No allocation per round."""
+        key = tuple(shape)
+        if key not in self._pinned_buffers:
+            self._pinned_buffers[key] = [torch.empty(key, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        return self._pinned_buffers[key][i % 2]
+
     def side_stream(self):
         """The second CUDA stream the SSD round's draft side is captured on (one per engine)."""
         if self._side_stream is None:   # high priority: its short kernels go first while the verify's long ones wait
@@ -508,14 +239,12 @@ class Engine:
     # --- generate -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, prompts, mode="ar", k=4, temperature=0.0, draft_temperature=None, top_k=0, top_p=1.0,
-                 fan_out="auto", fan_out_budget=None, saguaro_c=1.0, backup="auto", miss_exponent=1.0,
-                 max_new_tokens=64, seed=0, eos_token_id=None, on_round=None, profile=False) -> ssd.GenerationResult:
-        """Same arguments and result as ssd.generate (the models are the engine's), and k="auto"
-        (see choose_lookahead). With profile=True every part of a round is timed with a device
-        synchronization (slower)."""
-        run = self._start(prompts, mode, k, temperature, draft_temperature, top_k, top_p, fan_out, fan_out_budget,
-                          saguaro_c, backup, miss_exponent, max_new_tokens, seed, eos_token_id, profile)
+    def generate(self, prompts, settings: ssd.Settings | None = None, on_round=None, profile=False,
+                 **kw) -> ssd.GenerationResult:
+        """Same arguments and result as ssd.generate (the models are the engine's: a Settings, or its fields as
+        keywords), and k="auto" (see choose_lookahead). With profile=True every part of a round is timed with a
+        device synchronization (slower)."""
+        run = self._start(prompts, settings, profile, **kw)
         try:
             for stats in run.rounds_iter():
                 if on_round:
@@ -526,10 +255,10 @@ class Engine:
         return run.result()
 
     @torch.no_grad()
-    def stream(self, prompt, **kw):
+    def stream(self, prompt, settings: ssd.Settings | None = None, **kw):
         """Iterate over the new token ids of one prompt, a chunk per round, as they are accepted
-        (the keyword arguments of generate). The chunks concatenated are generate's tokens."""
-        run = self._start([list(prompt)], **kw)
+        (the settings of generate). The chunks concatenated are generate's tokens."""
+        run = self._start([list(prompt)], settings, **kw)
         sent = 0
         for _ in run.rounds_iter():
             tokens = run.generated()[0]
@@ -537,30 +266,32 @@ class Engine:
                 yield tokens[sent:]
                 sent = len(tokens)
 
-    def start(self, prompts, **kw) -> "_Run":
+    def start(self, prompts, settings: ssd.Settings | None = None, **kw) -> "_Run":
         """A generation in progress, round by round: `for stats in run.rounds_iter(): ...`, with
         `run.admit(prompt)` between rounds to add a sequence (continuous batching), `run.generated()`,
-        `run.stop(rows)` and `run.result()`. Same keywords as generate."""
-        return self._start(prompts, **kw)
+        `run.stop(rows)` and `run.result()`. Same settings as generate."""
+        return self._start(prompts, settings, **kw)
 
-    def _start(self, prompts, mode="ar", k=4, temperature=0.0, draft_temperature=None, top_k=0, top_p=1.0,
-               fan_out="auto", fan_out_budget=None, saguaro_c=1.0, backup="auto", miss_exponent=1.0,
-               max_new_tokens=64, seed=0, eos_token_id=None, profile=False) -> "_Run":
+    def _start(self, prompts, settings: ssd.Settings | None = None, profile=False, **kw) -> "_Run":
+        s = ssd.Settings.of(settings, **kw)
+        mode = s.mode
         if mode != "ar" and self.draft is None:
             raise ValueError(f"mode {mode} needs a draft model: build the Engine with one")
         batch = 1 if prompts and isinstance(prompts[0], int) else len(prompts)
         # Choices that change the output never depend on a timing unless asked (k="auto" measures, and says
         # what it chose): the same seed and arguments give the same tokens on the same machine.
-        if k == "auto":   # measured: the K (and speculation budget) whose drafting the verify hides
+        if s.k == "auto":   # measured: the K (and speculation budget) whose drafting the verify hides
             k, budget, _ = self.choose_lookahead(batch, mode) if mode != "ar" else (1, None, None)
-            if mode == "ssd" and fan_out == "auto" and fan_out_budget is None:
+            fan_out_budget = s.fan_out_budget
+            if mode == "ssd" and s.fan_out == "auto" and fan_out_budget is None:
                 # choose_lookahead times a tree step by a draft step over N tokens (a proxy that ran low on
                 # H200s at batch 4 and 16); with the draft side concurrent, time the real one for this K
                 overlapped = self.worker is not None and self.on_gpu
-                fan_out_budget = self.fit_budget(batch, k, saguaro_c, top_k, top_p) if overlapped else budget
+                fan_out_budget = self.fit_budget(batch, k, s.saguaro_c, s.top_k, s.top_p) if overlapped else budget
+            s = ssd.Settings.of(s, k=k, fan_out_budget=fan_out_budget)
         req = ssd.make_request(_CfgOnly(self.target.cfg), prompts, _CfgOnly(self.draft.cfg) if self.draft else None,
-                               mode, k, temperature, draft_temperature, top_k, top_p, fan_out, fan_out_budget,
-                               saguaro_c, backup, miss_exponent, max_new_tokens, seed, eos_token_id, self.max_seq)
+                               s, max_context=self.max_seq)
+        seed = s.seed
         for site, gen in self.rng.items():    # after any measuring above, which may have drawn
             gen.manual_seed(ssd.derive_seed(seed, site))
         self.profile, self.req = profile, req
@@ -577,6 +308,8 @@ class Engine:
         est = ssd.Estimates(k=req.k)
         if mode == "ssd":   # the batch-aware backup weighs the jit backup's cost by a rule, not a timing
             est.jit_cost_ratio = jit_cost_ratio(self.target.cfg, self.draft.cfg, req.k, Bb, self.on_gpu)
+            if self.one_device_ssd and self.use_graphs and not profile:
+                est.jit_always = not ssd_round.CONDITIONAL_NODES
         t0 = time.perf_counter()
         st = self._prefill(req, Bb, mode)
         prefill_time = time.perf_counter() - t0
@@ -588,7 +321,6 @@ class Engine:
     def _prepare_ssd_round(self, req, est, Bb, branches):
         """The SSD round's state for this shape (ssd_round.SSDRound), reset, and its CUDA graphs captured before
         the first round: one per backup the run may take."""
-        import ssd_round
         V = self.target.cfg.vocab_size
         f_cap = min(max(req.fan) if req.fan else branches, V - 1)
         key = (Bb, req.k, branches, f_cap)
@@ -1187,14 +919,15 @@ class _Run:
         if isinstance(out, tuple):
             n, new, hit_next = out
             out = torch.cat([n[:, None], new, hit_next[:, None].long()], 1)
-        packed = out[:self.B]
         ready = None
-        if packed.is_cuda:    # copy back without waiting (ordered before the next round's writes); _finish waits
-            packed = packed.to("cpu", non_blocking=True)    # for this event only
+        if out.is_cuda:   # copy back without waiting (ordered before the next round's writes); _finish waits for
+            packed = eng._pinned(out.shape, len(self.rounds) + (self._inflight is not None))   # this event only
+            packed.copy_(out, non_blocking=True)
+            packed = packed[:self.B]
             ready = torch.cuda.Event()
             ready.record()
-        else:                 # the SSD round's packed output is a buffer the next round overwrites
-            packed = packed.clone()
+        else:             # the SSD round's packed output is a buffer the next round overwrites
+            packed = out[:self.B].clone()
         stats.times["host"] = time.perf_counter() - t_round   # the host's time to launch the round (no waiting)
         return dict(stats=stats, packed=packed, ready=ready, t_round=t_round, epoch=list(st.epoch),
                     active=[not d for d in st.done])
@@ -1292,16 +1025,6 @@ class _Run:
         st.epoch[b] += 1   # a round launched before this call must not commit into the new sequence
         self.engine._sync_active(st)
         return b
-
-
-class _RowCache:
-    """One row of a FastCache, as a batch of one (views: writes land in the shared cache)."""
-
-    def __init__(self, cache, row):
-        self.k = [t[row:row + 1] for t in cache.k]
-        self.v = [t[row:row + 1] for t in cache.v]
-        self.k_tree, self.v_tree, self.slots = None, None, cache.slots
-        self.parent, self.row = cache, row      # a tensor-parallel target mirrors the slice on its workers
 
 
 class _CfgOnly:

@@ -335,10 +335,13 @@ class SSDRound:
                 for t, s in zip(self.state(), saved):
                     t.copy_(s)
         torch.cuda.current_stream().wait_stream(stream)
+        # register only the streams the round draws from (each registered one costs launches at every replay):
+        # greedy rounds draw nothing
+        used = [g for g, s in zip(gens, rng_states) if not torch.equal(g.get_state(), s)]
         for g, s in zip(gens, rng_states):
             g.set_state(s)
         graph = torch.cuda.CUDAGraph()
-        for g in gens:
+        for g in used:
             graph.register_generator_state(g)
         with torch.cuda.graph(graph, pool=eng.t_run.pool, stream=stream, capture_error_mode="thread_local"):
             fn()

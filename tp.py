@@ -20,7 +20,7 @@ Training Multi-Billion Parameter Language Models Using Model Parallelism", secti
   logits, all-gathered into the full [B, T, V] float32 logits (padding dropped).
 
 Each rank's share is itself a small transformer (fewer heads, fewer MLP units, a slice of the
-vocabulary): `shard_model` builds it as an ssd.Transformer, `ssd_fast.FastModel` lays it out (fused
+vocabulary): `shard_model` builds it as an ssd.Transformer, `fast_model.FastModel` lays it out (fused
 weights on the device) and `TPShard` runs the forward with the collectives between the local pieces.
 
 Loading. Given a loader.Checkpoint, every rank (rank 0 and the workers, at the same time) streams only its
@@ -39,12 +39,12 @@ rank 0 performs. Rank 0 tells them what to do with small headers over a pipe (no
     ("replay", graph_id)                                 replay it
     ("stop",)                                            exit
 
-cache_ref = (cache_id, row): row None for the whole cache, or one row (ssd_fast._RowCache, continuous
+cache_ref = (cache_id, row): row None for the whole cache, or one row (fast_model._RowCache, continuous
 batching's admit). The token ids and positions themselves are broadcast from rank 0 INSIDE the forward,
 so in a CUDA graph the broadcast is captured too: a replay needs the header only, and rank 0 never waits
 for the workers on the host (a header is a pipe write). Rank 0's graphs hold the verify / sampling around
 the forward as well; the workers' graphs hold the forward alone: the collectives, which must match one
-for one, are the same and in the same order. A graph is captured by ssd_fast.Graphed on both sides, so
+for one, are the same and in the same order. A graph is captured by fast_model.Graphed on both sides, so
 the warm-up runs and the capture line up. Nothing can wait in a circle: rank 0 sends every header before it
 launches the collectives the header announces, and a worker's host waits for nothing but rank 0's headers,
 so when a host does wait on the GPUs (rank 0 once a round; any rank when a capture begins, for its eager
@@ -76,7 +76,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import ssd
-import ssd_fast
+import fast_model
 
 # NVLink multicast (NVLS) brings nothing to all-reduces of a few KB, and shared machines may require it off:
 # off unless the environment says otherwise.
@@ -192,14 +192,14 @@ class TPShard:
     """Rank `rank` of `world`: the local weights (a FastModel of the rank's share) and the forward of the
     whole model, whose collectives every rank runs in the same order. `cfg` is the FULL config."""
 
-    def __init__(self, model, rank: int, world: int, device, dtype, ops: ssd_fast.Ops, local=None):
+    def __init__(self, model, rank: int, world: int, device, dtype, ops: fast_model.Ops, local=None):
         """`model`: an ssd.Transformer to shard here, or a loader.Checkpoint whose rank's share `local` (a FastModel)
         was streamed already."""
         self.cfg, self.rank, self.world = model.cfg, rank, world
         self.device, self.dtype, self.ops = torch.device(device), dtype, ops
         if local is None:
             self.n_params = sum(p.numel() for p in model.parameters())
-            local = ssd_fast.FastModel(shard_model(model, rank, world), self.device, dtype, ops)
+            local = fast_model.FastModel(shard_model(model, rank, world), self.device, dtype, ops)
         else:
             self.n_params = model.n_params
         self.local = local
@@ -210,7 +210,7 @@ class TPShard:
         s = spans(self.cfg, rank, world)
         self.vocab_start, self.vocab_local = s.vocab[0], s.vocab[1] - s.vocab[0]
 
-    def new_cache(self, batch, slots, branches=0, k=0) -> ssd_fast.FastCache:
+    def new_cache(self, batch, slots, branches=0, k=0) -> fast_model.FastCache:
         return self.local.new_cache(batch, slots, branches, k)      # the local KV heads only
 
     # --- the collectives ------------------------------------------------------------------------
@@ -247,7 +247,7 @@ class TPShard:
         full = parts.view(self.world, B, T, Vl).permute(1, 2, 0, 3).reshape(B, T, self.world * Vl)
         return full[..., :self.cfg.vocab_size].float().contiguous()
 
-    # --- the forward: ssd_fast.FastModel.forward with the collectives (keep the two in step) ---------
+    # --- the forward: fast_model.FastModel.forward with the collectives (keep the two in step) ---------
 
     def _forward(self, cache, shape, tokens=None, positions=None):
         """Float32 logits [B, T, V]. Rank 0 passes the tokens and positions; the workers only their shape."""
@@ -291,7 +291,7 @@ class TPTarget(TPShard):
     config. Every call is mirrored on the workers (see the module docstring); `close()` stops them."""
 
     def __init__(self, target, world: int, loader=None, device="cpu", dtype=torch.float32,
-                 ops: ssd_fast.Ops | None = None, cuda_graphs=True, log=print):
+                 ops: fast_model.Ops | None = None, cuda_graphs=True, log=print):
         """`target`: an ssd.Transformer (every worker rebuilds it with `loader`, then keeps its shard), or a
         loader.Checkpoint (every rank, this one included, streams only its own slices, all at once)."""
         device = torch.device(device)
@@ -327,7 +327,7 @@ class TPTarget(TPShard):
         if on_gpu:
             torch.cuda.set_device(device)
         atexit.register(_close_at_exit, weakref.ref(self))
-        ops = ops or ssd_fast.Ops(use_triton=on_gpu)
+        ops = ops or fast_model.Ops(use_triton=on_gpu)
         local = None
         try:
             own_print = target.fingerprint() if streamed else fingerprint(target, dtype)
@@ -369,7 +369,7 @@ class TPTarget(TPShard):
 
     # --- what the Engine calls -------------------------------------------------------------------
 
-    def new_cache(self, batch, slots, branches=0, k=0) -> ssd_fast.FastCache:
+    def new_cache(self, batch, slots, branches=0, k=0) -> fast_model.FastCache:
         cache = super().new_cache(batch, slots, branches, k)
         cache.tp_id = self._cache_count
         self._cache_count += 1
@@ -387,11 +387,11 @@ class TPTarget(TPShard):
             self._send(("capture", capture.graph_id, ref, shape))
         if capture is not None:
             capture.forwards += 1
-        with ssd_fast.on_device(self.device):      # Triton launches and streams use the current device
+        with fast_model.on_device(self.device):      # Triton launches and streams use the current device
             return self._forward(cache, shape, tokens, positions)
 
-    def capture(self, fn, inputs: dict, pool, generators=()) -> ssd_fast.Graphed:
-        """ssd_fast.Graphed(fn, inputs, pool, generators) with the workers capturing the same forward alongside."""
+    def capture(self, fn, inputs: dict, pool, generators=()) -> fast_model.Graphed:
+        """fast_model.Graphed(fn, inputs, pool, generators) with the workers capturing the same forward alongside."""
         capture = _Capture(self._graph_count)
         self._graph_count += 1
 
@@ -400,7 +400,7 @@ class TPTarget(TPShard):
             return fn(**kw)
         self._capture = capture
         try:
-            graph = ssd_fast.Graphed(counted, inputs, pool, generators)
+            graph = fast_model.Graphed(counted, inputs, pool, generators)
         finally:
             self._capture = None
         if capture.forwards not in (0, capture.calls):
@@ -409,7 +409,7 @@ class TPTarget(TPShard):
         graph.tp_graph_id = capture.graph_id if capture.forwards else None   # no forward: nothing to mirror
         return graph
 
-    def replay(self, graph: ssd_fast.Graphed, inputs: dict):
+    def replay(self, graph: fast_model.Graphed, inputs: dict):
         if graph.tp_graph_id is not None:
             self._send(("replay", graph.tp_graph_id))
         return graph(**inputs)
@@ -419,7 +419,7 @@ class TPTarget(TPShard):
     def _cache_ref(self, cache):
         if hasattr(cache, "tp_id"):
             return cache.tp_id, None
-        parent = getattr(cache, "parent", None)     # ssd_fast._RowCache: one row of a cache
+        parent = getattr(cache, "parent", None)     # fast_model._RowCache: one row of a cache
         if parent is None or not hasattr(parent, "tp_id"):
             raise ValueError("the tensor-parallel target runs on caches made by its new_cache (or rows of them)")
         return parent.tp_id, cache.row
@@ -541,7 +541,7 @@ class TPTarget(TPShard):
         shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
 
-class TPRunner(ssd_fast.Runner):
+class TPRunner(fast_model.Runner):
     """Rank 0's Runner: a captured target step is captured on the workers too, a replay replayed there."""
 
     def __init__(self, model: TPTarget, use_graphs: bool):
@@ -549,7 +549,7 @@ class TPRunner(ssd_fast.Runner):
         model._runners.add(self)
 
     def _run(self, key, fn, **inputs):
-        with ssd_fast.on_device(self.model.device):
+        with fast_model.on_device(self.model.device):
             if not self.use_graphs:
                 return fn(**inputs)       # eager: every forward sends its own header
             if key not in self.graphs:
@@ -593,7 +593,7 @@ def _worker_main(rank, world, init, backend, timeout, loader, where, dtype, use_
         else:
             torch.set_num_threads(1)           # ranks share the CPU's cores
         with torch.no_grad():
-            ops, local = ssd_fast.Ops(use_triton=device.type == "cuda"), None
+            ops, local = fast_model.Ops(use_triton=device.type == "cuda"), None
             if _is_streamed(loader):     # only this rank's slices, straight to its device
                 model = loader
                 model.progress = lambda *progress: reports.send(("progress", *progress))
@@ -636,7 +636,7 @@ def _serve(shard: TPShard, commands, use_graphs) -> dict:
 
     def cache_of(ref):
         cache_id, row = ref
-        return caches[cache_id] if row is None else ssd_fast._RowCache(caches[cache_id], row)
+        return caches[cache_id] if row is None else fast_model._RowCache(caches[cache_id], row)
     while True:
         op, *args = commands.recv()
         if op == "new_cache":
@@ -648,7 +648,7 @@ def _serve(shard: TPShard, commands, use_graphs) -> dict:
         elif op == "capture":
             graph_id, ref, shape = args
             cache = cache_of(ref)
-            graphs[graph_id] = ssd_fast.Graphed(lambda: shard._forward(cache, shape), {}, pool)
+            graphs[graph_id] = fast_model.Graphed(lambda: shard._forward(cache, shape), {}, pool)
         elif op == "replay":
             graphs[args[0]]()
         elif op == "stop":

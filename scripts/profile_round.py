@@ -6,7 +6,9 @@ One process, the same models and prompts for every system (bench.py's pairs and 
 default), one warm-up call per configuration (CUDA graph capture), then per prompt one timed generate call.
 Reported per system, K and temperature (medians over the prompts' calls):
   tok/s           decode tokens per second (wall time of generate minus its prefill)
-  host_us         the host's time to launch one round (Engine: stats.times["host"], no waiting)
+  host_us         the host's time to launch one round (Engine: stats.times["host"]), measured with the rounds
+                  read back one at a time, so the device is idle and the launch never waits for room in its queue
+                  (pipelined, a launch can wait for the round in flight: that is not host work)
   round_ms        wall time per round (pipelined rounds: between two read-backs)
   tokens/round    new tokens per round and row
   verify_ms       the bare verify: the target's CUDA graph over K + 1 positions replayed back to back
@@ -73,8 +75,12 @@ def measure(engine, prompts, kw) -> dict:
         rates.append((sum(len(t) for t in res.tokens) - len(p)) / (wall - res.prefill_time))
         rounds += res.rounds[2:]               # steady state: not the first rounds of a call
     times = [r.times["round"] for r in rounds]
+    engine.pipeline = False                    # the host's own time: a launch onto an idle device
+    idle = engine.generate(prompts[0], **kw).rounds[2:]
+    engine.pipeline = True
     per_round = [sum(n + 1 for n, on in zip(r.accepted, r.active) if on) / max(1, sum(r.active)) for r in rounds]
-    out = dict(tok_s=statistics.median(rates), tok_s_all=rates, host_us=1e6 * statistics.median(r.times["host"] for r in rounds),
+    out = dict(tok_s=statistics.median(rates), tok_s_all=rates, host_us=1e6 * statistics.median(r.times["host"] for r in idle),
+               host_us_pipelined=1e6 * statistics.median(r.times["host"] for r in rounds),
                round_ms=1e3 * statistics.median(times), tokens_per_round=statistics.mean(per_round), rounds=len(rounds))
     if kw["mode"] == "ssd":
         hits = [h for r in rounds for h, on in zip(r.hit, r.active) if on]
@@ -95,7 +101,9 @@ def main(argv=None):
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--expand-k", type=int, default=8)
     ap.add_argument("--saguaro-c", type=float, default=1.0)
-    ap.add_argument("--budget", type=int, help="SSD's speculation budget per row (default: the engine's)")
+    ap.add_argument("--budgets", default="", help="SSD's speculation budgets per row to try, e.g. 20,40,80 "
+                                                  "(default: the engine's)")
+    ap.add_argument("--backups", default="auto", help="SSD's backups to try: auto, jit, fast (comma-separated)")
     ap.add_argument("--out", default=".")
     a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,7 +124,10 @@ def main(argv=None):
     for t in [float(x) for x in a.temperatures.split(",")]:
         for k in [int(x) for x in a.ks.split(",")]:
             verify = bare_verify(engines["seq"], k, a.batch)
-            for system in systems:
+            budgets = [int(b) for b in a.budgets.split(",") if b] or [None]
+            runs = [(s, None, None) for s in systems if not s.startswith("ssd")]
+            runs += [(s, n, b) for s in systems if s.startswith("ssd") for n in budgets for b in a.backups.split(",")]
+            for system, budget, backup in runs:
                 if system == "ar" and k != int(a.ks.split(",")[0]):
                     continue
                 mode = "ssd" if system.startswith("ssd") else system
@@ -124,10 +135,10 @@ def main(argv=None):
                 if mode != "ar":
                     kw["k"] = k
                 if mode == "ssd":
-                    kw.update(saguaro_c=a.saguaro_c, **({"fan_out_budget": a.budget} if a.budget else {}))
+                    kw.update(saguaro_c=a.saguaro_c, backup=backup, **({"fan_out_budget": budget} if budget else {}))
                 engine = engines["con" if system == "ssd" else "seq"]
-                r = dict(system=system, temperature=t, k=k if mode != "ar" else None, batch=a.batch,
-                         verify_ms=1e3 * verify, **measure(engine, prompts, kw))
+                r = dict(system=system, temperature=t, k=k if mode != "ar" else None, batch=a.batch, budget=budget,
+                         backup=backup, verify_ms=1e3 * verify, **measure(engine, prompts, kw))
                 if r.get("hit_round_ms"):
                     r["hit_over_verify"] = r["hit_round_ms"] / r["verify_ms"]
                 rows.append(r)
@@ -138,11 +149,11 @@ def main(argv=None):
     meta = dict(pair=a.pair, info=pair.info, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 torch=torch.__version__, argv=sys.argv)
     (out / "profile_round.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
-    print(f"{'system':8} {'T':>3} {'K':>3} {'tok/s':>8} {'host us':>8} {'round ms':>9} {'tok/rnd':>8} {'verify':>7} "
+    print(f"{'system':8} {'N':>4} {'bkp':>4} {'T':>3} {'K':>3} {'tok/s':>8} {'host us':>8} {'round ms':>9} {'tok/rnd':>8} {'verify':>7} "
           f"{'hit rnd':>8} {'hit/ver':>8} {'hit rate':>8}")
     for r in rows:
         f = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
-        print(f"{r['system']:8} {r['temperature']:>3g} {str(r['k'] or '-'):>3} {r['tok_s']:8.1f} {r['host_us']:8.1f} "
+        print(f"{r['system']:8} {str(r['budget'] or '-'):>4} {str(r['backup'] or '-')[:4]:>4} {r['temperature']:>3g} {str(r['k'] or '-'):>3} {r['tok_s']:8.1f} {r['host_us']:8.1f} "
               f"{r['round_ms']:9.3f} {r['tokens_per_round']:8.2f} {r['verify_ms']:7.3f} {f(r.get('hit_round_ms'), 3):>8} "
               f"{f(r.get('hit_over_verify')):>8} {f(r.get('hit_rate')):>8}")
 

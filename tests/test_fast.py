@@ -75,7 +75,7 @@ def test_device_ngram_equals_reference(pair, cpu_engine):
     hist = [4, 9, 4, 7, 1, 4]
     st = ssd_fast.Batch(hist=torch.tensor([hist + [0] * 4]), lens=torch.tensor([len(hist)]), active=torch.tensor([True]),
                         tokens=[hist], prompt_lens=[1], done=[False], finish=[None], last_n=torch.tensor([0]))
-    req = ssd.make_request(pair[0], [1], pair[1], "ssd", k=3)
+    req = ssd.make_request(pair[0], [1], pair[1], mode="ssd", k=3)
     assert cpu_engine._ngram_proposal(st, req)[0].tolist() == ssd.ngram_proposal(hist, 3)
 
 
@@ -144,6 +144,22 @@ def test_gpu_graphs_on_and_off_agree(pair):
     for kw in (dict(mode="ssd", k=3), dict(mode="sd", k=4)):   # (T > 0: graphs draw other random numbers)
         assert on.generate(PROMPTS, max_new_tokens=20, eos_token_id=[], **kw).tokens == \
             off.generate(PROMPTS, max_new_tokens=20, eos_token_id=[], **kw).tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("concurrent", [True, False])
+@pytest.mark.parametrize("kw", [dict(k=3, backup="jit"), dict(k=2, backup="fast"),
+                                dict(k=3, backup="auto", saguaro_c=0.5, draft_temperature=0.8)])
+def test_gpu_ssd_round_graph_equals_its_parts(pair, concurrent, kw):
+    """float32, T = 1: the SSD round as one CUDA graph (the draft side on a second stream or not, the fan-out as
+    device data) draws the same numbers and gives the same tokens and hits as its parts run eagerly: the capture's
+    warm-ups are undone, every stream it draws from is registered, and the state lives in the graph's buffers."""
+    on = ssd_fast.Engine(*pair, device="cuda", dtype=torch.float32, concurrent=concurrent)
+    off = ssd_fast.Engine(*pair, device="cuda", dtype=torch.float32, cuda_graphs=False)
+    args = dict(mode="ssd", temperature=1.0, max_new_tokens=24, eos_token_id=[], seed=3, **kw)
+    a, b = on.generate(PROMPTS, **args), off.generate(PROMPTS, **args)
+    assert on.ssd_round.graphs and a.tokens == b.tokens and [r.hit for r in a.rounds] == [r.hit for r in b.rounds]
+    assert on.generate(PROMPTS, **args).tokens == a.tokens          # replayed graphs: the same again
 
 
 def _second_gpu():

@@ -15,6 +15,7 @@ import torch
 import kernels
 import ssd
 import ssd_fast
+import ssd_round
 from conftest import make_checkpoint
 
 V = 8
@@ -156,6 +157,13 @@ def _resample_from_p(p, q, proposal, u, noise):
     return n, kernels.sample_exponential_race_ref(p_n, noise)
 
 
+def _cached_q_kept_on_a_miss(self, hit, cached, cached_q, s, qs):
+    """The SSD round's merge, but a row that missed keeps the cache's q rows next to the backup's tokens."""
+    _merge(self, hit, cached, cached_q, s, cached_q)
+
+
+_merge = ssd_round.SSDRound.merge
+
 MISTAKES = {
     # Saguaro: proposals drawn from the rescaled q' but verified with the plain q
     "verify with q, not q'": ("ssd-jit-saguaro", dict(draft_sample=_sampled_from_q_prime_verified_with_q)),
@@ -165,6 +173,8 @@ MISTAKES = {
     "rejection resamples p": ("sd", dict(residual=lambda p, q: p, verify=_resample_from_p)),
     # the cheap backup's deterministic proposal accepted outright (q(x) taken as 0, not one-hot)
     "fast backup accepted with ratio 1": ("ssd-fast", dict(deterministic_q=lambda s, v: torch.zeros(*s.shape, v))),
+    # the fast engine's SSD round: a row that missed is verified with the q rows of the cache, not its backup's
+    "cached q kept on a miss": ("ssd-jit-saguaro", dict(merge=_cached_q_kept_on_a_miss)),
 }
 
 
@@ -182,6 +192,10 @@ def _apply(mistake, monkeypatch, backend):
         monkeypatch.setattr(kernels, "verify_ref", patches["verify"])
     if "deterministic_q" in patches:
         monkeypatch.setattr(ssd, "deterministic_q", patches["deterministic_q"])
+    if "merge" in patches:
+        if backend == "reference":
+            pytest.skip("a mistake of the fast engine's SSD round")
+        monkeypatch.setattr(ssd_round.SSDRound, "merge", patches["merge"])
     return path, engine_kw
 
 
