@@ -137,11 +137,13 @@ def build_parser(backend: str = "fast") -> argparse.ArgumentParser:
     g = ap.add_argument_group("decoding")
     g.add_argument("--mode", choices=["auto", "ar", "sd", "ssd"], default="auto" if backend == "fast" else "ssd",
                    help="ar = target alone, sd = speculative decoding, ssd = speculative speculative decoding; "
-                        + ("auto (default) = sd or ar, whichever the models' sizes on this device say is faster "
-                           "(said on stderr; ssd only when asked, see BENCHMARKS.md)" if backend == "fast" else
+                        + ("auto (default) = ssd, sd or ar, whichever the models' sizes on this device say is "
+                           "faster (said on stderr): ssd for one prompt on a GPU with CUDA graphs, where it measured "
+                           "fastest (BENCHMARKS.md)" if backend == "fast" else
                            "auto = sd or ar by the models' sizes. Default: ssd (this is the lesson)"))
-    g.add_argument("--k", type=_k_flag, default=4, metavar="K|auto",
-                   help="lookahead: draft tokens per round (default 4); 'auto' (ssd_fast.py) measures the models' "
+    g.add_argument("--k", type=_k_flag, default=None, metavar="K|auto",
+                   help="lookahead: draft tokens per round (default 4; when --mode auto picks SSD, the largest K <= 4 "
+                        "whose draft side the models' sizes say hides under the verify); 'auto' (ssd_fast.py) measures the models' "
                         "step times and picks the K (and, with --fan-out auto, the speculation budget) whose drafting "
                         "fits inside the target's verify")
     g.add_argument("--fan-out", default="auto", metavar="auto|F",
@@ -186,6 +188,9 @@ def check_args(args) -> None:
     def finite(x):
         return x is not None and math.isfinite(x)
     args.k_auto = args.k == "auto"
+    args.k_given = args.k is not None
+    if args.k is None:   # not given: 4 (--mode auto picks SSD's K itself)
+        args.k = 4
     if args.k_auto:
         args.k = K_AUTO_MAX          # an upper bound until the engine has measured (sizes the caches)
     if not (args.k >= 1):
@@ -723,16 +728,21 @@ def open_checkpoints(target_dir, draft_dir, tok, startup):
     return target, draft
 
 
-def settle_auto_mode(args, on_gpu: bool, target_cfg, draft_cfg, batch: int, log) -> None:
-    """--mode auto: SD or AR by ssd_fast.choose_mode's rule (from the configs, not timings); says which and why."""
+def settle_auto_mode(args, on_gpu: bool, target_cfg, draft_cfg, batch: int, log, graphs: bool = True) -> None:
+    """--mode auto: SSD, SD or AR by ssd_fast.choose_mode's rule (from the configs, not timings); says which and why.
+    SSD takes the K of ssd_fast.ssd_lookahead unless --k was given."""
     import ssd_fast
     k = 4 if args.k_auto else args.k
-    mode, gain = ssd_fast.choose_mode(target_cfg, draft_cfg, k, batch, on_gpu)
+    mode, gain = ssd_fast.choose_mode(target_cfg, draft_cfg, k, batch, on_gpu, ssd_round=on_gpu and graphs)
+    if mode == "ssd" and not getattr(args, "k_given", True):
+        args.k = ssd_fast.ssd_lookahead(target_cfg, draft_cfg, batch, on_gpu)
     if gain is None:
         log("mode: ar (--mode auto: no draft given)")
     else:
-        log(f"mode: {mode} (--mode auto: SD predicted {gain:.2f}x AR here at K={k}, acceptance 0.6; SD needs "
-            f"{ssd_fast.SD_OVER_AR_MARGIN}x; --mode ar|sd|ssd forces one)")
+        k = args.k if mode == "ssd" and not args.k_auto else k
+        log(f"mode: {mode} (--mode auto: {mode.upper() if mode != 'ar' else 'SD'} predicted {gain:.2f}x AR here at "
+            f"K={k}, acceptance 0.6; speculation needs {ssd_fast.SD_OVER_AR_MARGIN}x; SSD only for one row on a GPU; "
+            "--mode ar|sd|ssd forces one)")
     args.mode = mode
 
 
@@ -836,7 +846,10 @@ def _main(args, backend, placement, log) -> int:
     target_cfg = read_model_config(target_dir, "--target")
     draft_cfg = read_model_config(draft_dir, "--draft") if draft_dir else None
     if getattr(args, "mode_auto", False):
-        settle_auto_mode(args, placement.target != "cpu", target_cfg, draft_cfg, max(1, len(prompts_text)), log)
+        # SSD's round as one CUDA graph: CUDA graphs on, the target on one GPU, the draft sharing it
+        one_graph = not args.no_cuda_graphs and placement.tp == 1 and placement.draft in (None, placement.target)
+        settle_auto_mode(args, placement.target != "cpu", target_cfg, draft_cfg, max(1, len(prompts_text)), log,
+                         graphs=one_graph)
         if args.mode == "ar":
             draft_dir, draft_cfg, placement = None, None, dataclasses.replace(placement, draft=None)
     spec_t, spec_d = _Spec(target_cfg), (_Spec(draft_cfg) if draft_cfg else None)

@@ -844,7 +844,7 @@ def load(args, log):
     target_dir, draft_dir, _ = cli.resolve_models(args, log)
     target_cfg = cli.read_model_config(target_dir, "--target")
     draft_cfg = cli.read_model_config(draft_dir, "--draft") if draft_dir else None
-    if args.mode == "auto":   # the default mode of requests: SD or AR by the configs (a request may ask for any)
+    if args.mode == "auto":   # the default mode of requests: SSD, SD or AR by the configs (a request may ask for any)
         cli.settle_auto_mode(args, on_gpu, target_cfg, draft_cfg, args.max_batch, log)
     window = min(target_cfg.max_position_embeddings, draft_cfg.max_position_embeddings if draft_cfg else 1 << 30)
     context = args.max_context or min(window, 4096)

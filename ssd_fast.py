@@ -10,19 +10,20 @@ What changes from the reference, and why:
 - Every steady-state forward (target decode and verify, draft steps, glue pass, each tree depth) is
   captured once as a CUDA graph per (batch bucket, shape) and replayed.
 - The sequence state (token history, lengths, the speculation cache and its lookup) lives on the
-  device; the host reads one small tensor per round (accepted counts, new tokens, next hit flags).
-  AR and SD rounds are pipelined: the next round is launched before this one is read back, so the
-  host's bookkeeping overlaps the GPU's work (SSD's next round depends on the hit flags it reads).
+  device; the host reads one small tensor per round (accepted counts, new tokens, hit flags) from a
+  pinned buffer. Rounds are pipelined: the next round is launched before this one is read back, so the
+  host's bookkeeping overlaps the GPU's work.
+- SSD with the draft on the target's device (one GPU, or the CPU) runs ssd_round.SSDRound: the lookup, the
+  backup merged by selection, the draft side and the target side over persistent device tensors, on a GPU
+  one CUDA graph per shape, captured before the first round, the draft side a second stream inside it.
 - Batches are padded to a bucket size; padding rows are frozen and write only their own cache rows.
   Rows finish at different times; `Engine.start(...).admit(prompt)` puts a new sequence into a
   finished or padding row between rounds (continuous batching).
-- SSD's draft side (glue pass, fork, tree decode) can run on its own worker, overlapping the verify:
-  a thread launching on its own CUDA stream, on the target's GPU or on its own (`draft_device`), where
-  the speculation cache lives and is looked up (the handshake: the outcome key one way, the K tokens,
-  and their q rows only when some row samples at temperature > 0, the other). On by default when the
-  draft has its own GPU (measured: BENCHMARKS.md), opt-in (`concurrent=True`) on one device. Its
-  speculation budget is then sized to what the verify leaves (`fit_budget`). If the draft fails, the
-  run finishes as AR.
+- With the draft on its own GPU (`draft_device`) or a tensor-parallel target, SSD's draft side (glue pass,
+  fork, tree decode) runs on a worker thread with its own CUDA stream on the draft's GPU, where the
+  speculation cache lives and is looked up (the handshake: the outcome key one way, the K tokens, and their
+  q rows only when some row samples at temperature > 0, the other); its speculation budget is sized to what
+  the verify leaves (`fit_budget`). If the draft fails, the run finishes as AR.
 - `k="auto"` measures the step times and picks the K whose drafting fits inside the verify.
 - Random numbers: one generator per sampling site (target: first token, AR sampling, the verify's uniforms and
   recovery noise; draft: SD proposals and the speculation tree; backup: the jit backup), each on the device that
@@ -289,6 +290,10 @@ class Engine:
                 overlapped = self.worker is not None and self.on_gpu
                 fan_out_budget = self.fit_budget(batch, k, s.saguaro_c, s.top_k, s.top_p) if overlapped else budget
             s = ssd.Settings.of(s, k=k, fan_out_budget=fan_out_budget)
+        if mode == "ssd" and s.fan_out_budget is None and s.fan_out == "auto" and self.one_device_ssd \
+                and self.use_graphs and self.concurrent:
+            # the draft side hides under the verify: more branches for more hits (measured: BENCHMARKS.md)
+            s = ssd.Settings.of(s, fan_out_budget=min(SSD_BUDGET_ONE_GPU, 16 * (s.k + 1)))
         req = ssd.make_request(_CfgOnly(self.target.cfg), prompts, _CfgOnly(self.draft.cfg) if self.draft else None,
                                s, max_context=self.max_seq)
         seed = s.seed
@@ -809,23 +814,54 @@ def jit_cost_ratio(target_cfg, draft_cfg, k: int, batch: int, on_gpu: bool) -> f
 
 
 SD_OVER_AR_MARGIN = 1.2
+SSD_SIDE_FITS = 0.8        # the draft side (glue + K tree steps) predicted at most this share of the verify
+SSD_BUDGET_ONE_GPU = 64    # speculation budget per row when the draft side runs concurrently inside the round's graph
+SSD_HIT_RATE, SSD_MISS_TOKENS, SSD_HIT_ROUND = 0.8, 1.2, 1.05   # measured on one H200 (BENCHMARKS.md)
 
 
-def choose_mode(target_cfg, draft_cfg, k: int, batch: int, on_gpu: bool, accept_rate: float = 0.6) -> tuple:
-    """The mode of `--mode auto`, by a rule from the configs (no timing: a seed reproduces a run). SSD is not
-    chosen: on one device it measured 0.42-0.79x our SD in every configuration (BENCHMARKS.md: the draft-cost
-    sweep, 24 points; the expanded pair), and with the draft on its own GPU at most 1.04x, within the spread of
-    the prompts; `--mode ssd` still runs it. SD against AR: tokens per second by the COST roofline, SD making
-    E = (1 - a^(K+1)) / (1 - a) tokens per round (Leviathan et al. 2023, eq. 1) at an assumed acceptance a, in a
-    verify of K + 1 positions plus K draft steps; SD is chosen when it is predicted SD_OVER_AR_MARGIN faster than AR.
-    The margin is what the roofline leaves out (a round's sampling and launches): measured/predicted SD/AR was
-    0.97 (135M pair, CPU), 0.82 (135M pair, H200) and 0.83 (7B pair, H200). Returns (mode, predicted SD/AR)."""
+def ssd_lookahead(target_cfg, draft_cfg, batch: int, on_gpu: bool, k_max: int = 4) -> int:
+    """SSD's K when none is given: the largest K <= k_max whose draft side (glue pass over K + 1 tokens and K tree
+    steps over SSD_BUDGET_ONE_GPU branches), by the COST roofline, takes at most SSD_SIDE_FITS of the verify, so
+    the draft hides under it (at least 2). Measured on one H200: the embedded 135M target (predicted side/verify
+    0.76 at K = 2, 1.27 at K = 4) ran SSD fastest at K = 2 (hit rounds 1.17x the verify, 1.82x at K = 4); the 7B
+    expanded target (0.08-0.14) at K = 4 (hit rounds 1.03-1.06x the verify)."""
+    def side(k):
+        return forward_cost(draft_cfg, batch, k + 1, on_gpu) + k * forward_cost(draft_cfg, batch * SSD_BUDGET_ONE_GPU,
+                                                                                 1, on_gpu)
+    fits = [k for k in range(2, k_max + 1) if side(k) <= SSD_SIDE_FITS * forward_cost(target_cfg, batch, k + 1, on_gpu)]
+    return max(fits) if fits else 2
+
+
+def choose_mode(target_cfg, draft_cfg, k: int, batch: int, on_gpu: bool, accept_rate: float = 0.6,
+                ssd_round: bool = False) -> tuple:
+    """The mode of `--mode auto`, by a rule from the configs (no timing: a seed reproduces a run).
+    SSD where its round runs as a CUDA graph on the device (`ssd_round`: a GPU, graphs on) and the batch is one
+    row: there it measured faster than our SD on both pairs at T = 0 and T = 1 (BENCHMARKS.md); at batch 4 it
+    measured at most SD's speed at T = 0 and slower at T = 1, at batch 16 slower: SD or AR there. SSD is chosen when
+    its predicted speed is SD_OVER_AR_MARGIN x AR's: a hit rate SSD_HIT_RATE (misses make SSD_MISS_TOKENS tokens),
+    a round SSD_HIT_ROUND x the verify of the K of ssd_lookahead, or the draft side when it is longer.
+    SD against AR: tokens per second by the COST roofline, SD making E = (1 - a^(K+1)) / (1 - a) tokens per round
+    (Leviathan et al. 2023, eq. 1) at an assumed acceptance a, in a verify of K + 1 positions plus K draft steps;
+    SD is chosen when it is predicted SD_OVER_AR_MARGIN faster than AR. The margin is what the roofline leaves out
+    (a round's sampling and launches): measured/predicted SD/AR was 0.97 (135M pair, CPU), 0.82 (135M pair, H200)
+    and 0.83 (7B pair, H200). Returns (mode, its predicted speed over AR's)."""
     if draft_cfg is None:
         return "ar", None
     a = accept_rate
-    expected = (1 - a ** (k + 1)) / (1 - a)
+
+    def expected(k):
+        return (1 - a ** (k + 1)) / (1 - a)
+    t_ar = forward_cost(target_cfg, batch, 1, on_gpu)
+    if ssd_round and on_gpu and batch == 1:
+        ks = ssd_lookahead(target_cfg, draft_cfg, batch, on_gpu)
+        side = forward_cost(draft_cfg, batch, ks + 1, on_gpu) + ks * forward_cost(draft_cfg, SSD_BUDGET_ONE_GPU, 1, on_gpu)
+        t_round = SSD_HIT_ROUND * max(forward_cost(target_cfg, batch, ks + 1, on_gpu), side)
+        tokens = SSD_HIT_RATE * expected(ks) + (1 - SSD_HIT_RATE) * SSD_MISS_TOKENS
+        gain = tokens / t_round * t_ar
+        if gain >= SD_OVER_AR_MARGIN:
+            return "ssd", gain
     t_round = forward_cost(target_cfg, batch, k + 1, on_gpu) + k * forward_cost(draft_cfg, batch, 1, on_gpu)
-    gain = (expected / t_round) * forward_cost(target_cfg, batch, 1, on_gpu)
+    gain = (expected(k) / t_round) * t_ar
     return ("sd" if gain >= SD_OVER_AR_MARGIN else "ar"), gain
 
 
@@ -874,6 +910,7 @@ class _Run:
         self.pipelined = engine.pipeline and (mode in ("ar", "sd") or self.device_hits) and not engine.profile
         self._last_end = None   # when the previous round's results were read back
         self.est_before = copy.copy(est)   # the estimates before the latest round's update
+        self._launches = 0      # rounds launched (which pinned read-back buffer a round uses)
         self._inflight = None   # a launched round not read back yet (pipelined AR/SD)
 
     def rounds_iter(self):
@@ -921,7 +958,7 @@ class _Run:
             out = torch.cat([n[:, None], new, hit_next[:, None].long()], 1)
         ready = None
         if out.is_cuda:   # copy back without waiting (ordered before the next round's writes); _finish waits for
-            packed = eng._pinned(out.shape, len(self.rounds) + (self._inflight is not None))   # this event only
+            packed = eng._pinned(out.shape, self._launches)   # this event only
             packed.copy_(out, non_blocking=True)
             packed = packed[:self.B]
             ready = torch.cuda.Event()
@@ -929,6 +966,7 @@ class _Run:
         else:             # the SSD round's packed output is a buffer the next round overwrites
             packed = out[:self.B].clone()
         stats.times["host"] = time.perf_counter() - t_round   # the host's time to launch the round (no waiting)
+        self._launches += 1
         return dict(stats=stats, packed=packed, ready=ready, t_round=t_round, epoch=list(st.epoch),
                     active=[not d for d in st.done])
 

@@ -14,8 +14,8 @@ A round is three parts, each a function of persistent device tensors that it rea
                rows exist at all), the commit into the history, and the packing of what the host reads.
 
 On a GPU the whole round is ONE CUDA graph; with `concurrent` the draft side is a second stream inside it,
-forked after `select` and joined before the packing, so the draft builds the next cache while the target
-verifies. Nothing in a round needs the host, so rounds are pipelined like AR and SD: round n+1 is launched
+forked after `select` and joined at the end of the round (only the next round reads what it wrote), so the
+draft builds the next cache while the target verifies. Nothing in a round needs the host, so rounds are pipelined like AR and SD: round n+1 is launched
 before round n is read back. The graph is captured before the first round, keyed by shapes (batch bucket, K,
 branches, which backup, whether q rows exist, concurrency); the warm-up runs that precede a capture are undone
 (the state is restored, the random streams rewound), so capturing never changes a run.
@@ -25,14 +25,18 @@ Exactness is the reference's (ssd.py): the same rule for every draw, each draw f
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 
 import ssd
 
-# CUDA graph conditional nodes (torch >= 2.7 on CUDA >= 12.4): the jit backup runs only in rounds where a row missed
-CONDITIONAL_NODES = hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")
+# CUDA graph conditional nodes: the jit backup would run only in rounds where a row missed. Opt-in
+# (SSD_CONDITIONAL_NODES=1) where torch has them: the torch this engine was measured with (2.11) has not, so this
+# path has not run on a GPU; without it the jit backup runs in every round and is kept where a row missed.
+CONDITIONAL_NODES = os.environ.get("SSD_CONDITIONAL_NODES") == "1" and \
+    hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")
 
 
 class SSDRound:
@@ -91,7 +95,8 @@ class SSDRound:
 
     def set_fan(self, fan, dynamic_saguaro: bool):
         """Point the slot tables at `fan` (F_j per outcome j; their sum fills at most N branches). A table is
-        made once per distinct fan-out and copied device to device: no host synchronization."""
+        made once per distinct fan-out, in pinned host memory, and copied in on the round's stream: no host
+        synchronization, and the round in flight reads the old table before the copy lands."""
         fan = tuple(min(f, self.f_cap) for f in fan)
         if fan == self.fan:
             return
@@ -254,7 +259,7 @@ class SSDRound:
 
     def round(self, backup: str, fan, concurrent: bool):
         """The three parts in order; with `concurrent` (on a GPU) the draft side on its own stream, forked after
-        select and joined before the target side's packing reads nothing of it (only the next round does)."""
+        select and joined at the end (the target side reads nothing the draft side writes; the next round does)."""
         self.select(backup, fan)
         if concurrent:
             main = torch.cuda.current_stream()

@@ -673,10 +673,11 @@ def test_memory_check_refuses_what_does_not_fit(monkeypatch):
 
 
 def test_mode_auto_rule():
-    """--mode auto (ssd_fast.choose_mode): SD where the models' sizes predict it faster than AR by the margin, else
-    AR; never SSD (it measured slower than SD on one device everywhere). The three cases measured: the embedded
-    pair on a CPU (SD 18.6 vs AR 14.6 tok/s) and on an H200 (AR 1135 vs SD 1072 at K = 4), the 7B pair on an H200
-    (SD 417 vs AR 242)."""
+    """--mode auto (ssd_fast.choose_mode): SSD for one row on a GPU whose SSD round is one CUDA graph, with the K
+    whose draft side hides under the verify; else SD where the models' sizes predict it faster than AR by the
+    margin, else AR. The cases measured (BENCHMARKS.md): the embedded pair on a CPU (SD 18.6 vs AR 14.6 tok/s) and
+    on an H200 (SSD K=2 1575 vs AR 1136, SD 1218), the 7B pair on an H200 (SSD K=4 439 vs SD 410, AR 239), and at
+    batch 4 and 16 (SSD at most SD's speed: SD)."""
     import dataclasses as dc
     import ssd_fast
     from embedded import SHIPPED_DRAFT_DIR as DRAFT_DIR
@@ -687,8 +688,14 @@ def test_mode_auto_rule():
     expanded = dc.replace(target, hidden_size=576 * 8, intermediate_size=1536 * 8, num_attention_heads=72,
                           num_key_value_heads=24)
     assert ssd_fast.choose_mode(target, draft, 4, 1, on_gpu=False)[0] == "sd"
+    assert ssd_fast.choose_mode(target, draft, 4, 1, on_gpu=False, ssd_round=True)[0] == "sd"   # (no graphs on a CPU)
     assert ssd_fast.choose_mode(target, draft, 4, 1, on_gpu=True)[0] == "ar"
     assert ssd_fast.choose_mode(expanded, draft, 4, 1, on_gpu=True)[0] == "sd"
+    assert ssd_fast.choose_mode(target, draft, 4, 1, on_gpu=True, ssd_round=True)[0] == "ssd"
+    assert ssd_fast.choose_mode(expanded, draft, 4, 1, on_gpu=True, ssd_round=True)[0] == "ssd"
+    for batch in (4, 16):
+        assert ssd_fast.choose_mode(expanded, draft, 4, batch, on_gpu=True, ssd_round=True)[0] == "sd"
+    assert ssd_fast.ssd_lookahead(target, draft, 1, True) == 2 and ssd_fast.ssd_lookahead(expanded, draft, 1, True) == 4
     assert ssd_fast.choose_mode(target, None, 4, 1, on_gpu=True) == ("ar", None)
 
 

@@ -340,9 +340,10 @@ def test_reading_guide_names_exist():
     import cli
     import kernels
     import ssd_fast
-    modules = {"ssd": ssd, "ssd_fast": ssd_fast, "kernels": kernels, "cli": cli}
+    import ssd_round
+    modules = {"ssd": ssd, "ssd_fast": ssd_fast, "ssd_round": ssd_round, "kernels": kernels, "cli": cli}
     guide = next(src for kind, src, _ in load_builder().CELLS if kind == "markdown" and "Reading guide" in src)
-    names = [(m, a) for m, a in re.findall(r"`(ssd|ssd_fast|kernels|cli)\.([\w.]+)`", guide) if a != "py"]
+    names = [(m, a) for m, a in re.findall(r"`(ssd|ssd_fast|ssd_round|kernels|cli)\.([\w.]+)`", guide) if a != "py"]
     assert len(names) > 30
     for module, attr in names:
         obj = modules[module]
