@@ -1336,7 +1336,8 @@ else:
     plt.show()
 """, tags=["claim-gpu-table"]),
 md(r"""
-On the expanded target SSD is at its best; on this notebook's own pair it is far slower than SD. The columns
+These runs used the engine before its SSD round became one CUDA graph (`ssd_round.py`, below). In them, on the
+expanded target SSD is at its best; on this notebook's own pair it is far slower than SD. The columns
 *verify* and *glue+tree* say why (both measured by the benchmark's profiler, the parts one after the other): SSD
 hides the draft's work under the verify, which only helps if the draft's side of a round (the glue pass and the
 $K$ tree steps over all branches) fits under it. With a 135M target the verify is short and the draft's tree is
@@ -1381,6 +1382,39 @@ else:
     print(f"best SSD/SD: {best['ratio']:.2f} ({best['pair']}, T = {best['T']:g}, batch {best['batch']}, K = {best['k']}, "
           f"draft side {best['side']:.2f} of the verify)")
 """, tags=["claim-gpu-pays"]),
+md(r"""
+Since then the fast engine runs SSD's round, when the draft shares the target's GPU, as one CUDA graph
+(`ssd_round.py`): the lookup, the backup merged by selection, the target's verify and commit, and the draft's glue
+pass, fork and tree on a second stream inside the same graph, so the draft's side hides under the verify and the
+host only launches the graph and reads one small buffer. `scripts/profile_round.py` measured AR, SD and SSD side
+by side in one process on both pairs (`benchmarks/ssd_round/`): the best of each, and SSD's round against the bare
+verify of the same $K$ (*hit/verify*: 1 would be a round that costs nothing beyond the verify):
+"""),
+code(r"""
+def load_round_profiles(root=BENCH / "ssd_round"):
+    rows = []
+    for path in sorted(root.glob("*.json")):
+        if path.name.startswith("earlier_"):     # an earlier version of the round, kept for one comparison
+            continue
+        data = json.loads(path.read_text())
+        rows += [dict(r, pair=data["meta"]["pair"]) for r in data["rows"] if r["batch"] == 1]
+    return rows
+
+
+round_rows = load_round_profiles()
+if not round_rows:
+    print("no benchmarks/ssd_round/*.json here (scripts/profile_round.py writes them)")
+for (pair, T) in sorted({(r["pair"], r["temperature"]) for r in round_rows}):
+    best = {}
+    for r in round_rows:
+        if (r["pair"], r["temperature"]) == (pair, T) and (r["system"] not in best or r["tok_s"] > best[r["system"]]["tok_s"]):
+            best[r["system"]] = r
+    line = ", ".join(f"{s.upper()} {b['tok_s']:.0f} tok/s" + (f" (K={b['k']})" if b["k"] else "") for s, b in best.items())
+    ssd_best = best.get("ssd")
+    extra = (f"; SSD/SD {ssd_best['tok_s'] / best['sd']['tok_s']:.2f}, hit rate {ssd_best['hit_rate']:.2f}, "
+             f"hit/verify {ssd_best['hit_over_verify']:.2f}") if ssd_best and "sd" in best else ""
+    print(f"{pair}, T = {T:g}: {line}{extra}")
+""", tags=["claim-ssd-round"]),
 md(r"""
 Fitting under the verify is necessary, not sufficient. Even where the draft is hidden, a hit round costs more than
 the bare verify (the handshake, the host's bookkeeping), a miss adds its backup, and the gain is bounded by what SD
@@ -1636,10 +1670,10 @@ PyTorch reference of the same name with `_ref` (read the reference first).
 | Section 0: loading | `ssd.load_pair`, `ssd.load_model` (the draft's `shared_embedding`), `ssd.Transformer`, `ssd.KVCache` | `ssd_fast.Engine`, `ssd_fast.FastModel`, `ssd_fast.FastCache` |
 | Section 1: AR | `ssd.extend`, `ssd.ar_round` | `ssd_fast.Engine._ar_round`, `kernels.cache_attention` |
 | Section 2: SD and exact verification | `ssd.draft_steps`, `ssd.target_verify`, `ssd.verify`, `ssd.acceptance_prob`, `ssd.residual`, `ssd.sample`, `ssd.sd_round`, `ssd.commit` | `ssd_fast.Engine._draft_propose`, `ssd_fast.Engine._verify`, `ssd_fast.Engine._sd_round`, `kernels.verify_ref`, `kernels.sample_exponential_race` |
-| Section 3: SSD, the speculation cache | `ssd.ssd_round`, `ssd.SpeculationCache`, `ssd.build_speculation_cache` (glue pass and fork) | `ssd_fast.Engine._ssd_round`, `ssd_fast.Engine._lookup`, `ssd_fast.Engine._build_speculation_cache`, `ssd_fast.DraftWorker` |
+| Section 3: SSD, the speculation cache | `ssd.ssd_round`, `ssd.SpeculationCache`, `ssd.build_speculation_cache` (glue pass and fork) | one device: `ssd_fast.Engine._ssd_round_device`, `ssd_round.SSDRound.lookup`, `ssd_round.SSDRound.glue_and_fork`, `ssd_round.SSDRound.tree`, `ssd_round.SSDRound.target_side`, `ssd_round.SSDRound.round` (the whole round, one CUDA graph); the draft on its own GPU: `ssd_fast.Engine._ssd_round`, `ssd_fast.Engine._lookup`, `ssd_fast.Engine._build_speculation_cache`, `ssd_fast.DraftWorker` |
 | Section 3.1: the tree decode | `ssd.tree_decode` (scratch slots and an explicit mask), `ssd.Transformer.forward` (`slots`, `visible`, `positions`) | `ssd_fast.FastModel.forward` (its `tree` argument: each branch's keys in a buffer of their own), `kernels.tree_attention_ref` (the mask, implicit), `kernels.tree_attention` |
-| Section 4: Saguaro | `ssd.geometric_fan_out`, `ssd.saguaro_rescale`, `ssd.choose_backup`, `ssd.Estimates`, `ssd.ngram_proposal` | `ssd_fast.Engine._backup`, `ssd_fast.Engine._ngram_proposal`, `ssd_fast.Engine.fit_budget`, `ssd_fast.Engine.choose_lookahead` |
-| Section 5: timelines, the speed formula | `ssd.RoundStats`, `ssd.GenerationResult.summary`, `ssd.generate` | `ssd_fast.Engine.generate` (with `profile=True`), `cli.chrome_trace`, `scripts/speed_model.py` |
+| Section 4: Saguaro | `ssd.geometric_fan_out`, `ssd.saguaro_rescale`, `ssd.choose_backup`, `ssd.Estimates`, `ssd.ngram_proposal` | `ssd_round.SSDRound.set_fan` (the fan-out as device data), `ssd_round.SSDRound.backup`, `ssd_fast.saguaro_rescale_masked`, `ssd_fast.Engine._ngram_proposal`, `ssd_fast.Engine.fit_budget`, `ssd_fast.Engine.choose_lookahead` |
+| Section 5: timelines, the speed formula | `ssd.RoundStats`, `ssd.GenerationResult.summary`, `ssd.generate`, `ssd.Settings` | `ssd_fast.Engine.generate` (with `profile=True`), `cli.chrome_trace`, `scripts/speed_model.py`, `scripts/profile_round.py` |
 | Section 6: GPU measurements | | `scripts/bench.py` (writes `benchmarks/*/results.json` and the traces), `scripts/expand.py` |
 
 ## Where to go next
