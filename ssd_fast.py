@@ -791,10 +791,12 @@ class DraftWorker:
 
 # A forward's cost by a roofline with a per-layer floor: max(weight bytes / bandwidth, FLOPs / rate) plus a fixed
 # cost per layer (kernel launches and small reductions that do not shrink with the model). GPU: the H200's measured
-# ceilings (bf16 matrix ~750 TFLOP/s, copies ~4 TB/s; shared/DESIGN.md) and ~12 us per graphed layer; CPU: a
-# small multi-core machine in float32. Only ratios of such costs are used, to decide, never to report.
+# ceilings (bf16 matrix ~750 TFLOP/s, copies ~4 TB/s; shared/DESIGN.md) and ~12 us per graphed layer; CPU: float32
+# on one thread (the default on a 2-core machine), fitted to the embedded pair's measured steps there (a target
+# step ~70 ms, a verify of 5 positions ~147 ms, a draft step ~27 ms). Only ratios of such costs are used, to decide,
+# never to report.
 COST = {True: dict(bandwidth=4.0e12, flops=7.5e14, per_layer=12e-6, bytes_per_param=2),
-        False: dict(bandwidth=2.0e10, flops=1.0e11, per_layer=40e-6, bytes_per_param=4)}
+        False: dict(bandwidth=1.5e10, flops=1.2e10, per_layer=1.2e-3, bytes_per_param=4)}
 
 
 def forward_cost(cfg, batch: int, tokens: int, on_gpu: bool) -> float:
