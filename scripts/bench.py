@@ -38,8 +38,8 @@ visible, becomes a skipped row with the reason.
 Isolation: the driver runs each (pair, system, TP size; draft width in the sweep) in a process of its own and never touches the GPU
 itself. A measurement that fails becomes a row with its error, and the rest of that system continues in a
 fresh process (a failure may leave CUDA unusable); a process that dies (a crash, an illegal memory access)
-or runs longer than --item-timeout-s per measurement is recorded the same way. Each record carries the pid of the
-process that measured it. Children's output goes to DIR/logs/.
+or hangs (see --item-timeout-s) is recorded the same way. Each record carries the pid of the process that
+measured it. Children's output goes to DIR/logs/.
 
 The draft-cost sweep (--suite sweep): does SSD pay for a given pair, and at which K? The shipped draft and
 the same draft width-expanded x2, x4, x8 (--draft-widths; scripts/expand.py: the same acceptance, a larger
