@@ -302,6 +302,7 @@ class Engine:
         Bb = bucket(B)
         dev = self.device
         req.send_q = bool((req.t > 0).any())   # at temperature 0 the verify needs no q rows
+        req.draft_greedy = not req.send_q and not bool((req.t_draft > 0).any())   # (host values: no sync)
         buf = self.st_buffers(Bb, req.k)      # req's device tensors are the persistent buffers (CUDA graphs read them)
         req.t = buf["t"].copy_(torch.cat([req.t, torch.zeros(Bb - B)]))
         req.t_draft = buf["t_draft"].copy_(torch.cat([req.t_draft, torch.zeros(Bb - B)]))
@@ -334,7 +335,7 @@ class Engine:
         if req.send_q and not rnd.send_q:
             rnd.enable_q()
         rnd.send_q = req.send_q
-        rnd.draft_greedy = not req.send_q and not bool((req.t_draft > 0).any())
+        rnd.draft_greedy = req.draft_greedy
         if self.use_graphs and not self.profile:
             for backup in (("fast", "jit") if req.backup == "auto" else (req.backup,)):
                 rnd.prepare(backup, self._ssd_fan(req, est), self.concurrent)
@@ -437,7 +438,7 @@ class Engine:
                                    tokens=r, positions=pos[:, None], t=req.t)
         n = torch.zeros_like(r_new)
         self._commit_device(st, n, r_new[:, None])
-        return n, r_new[:, None], torch.zeros_like(n, dtype=torch.bool)
+        return _packed(n, r_new[:, None], torch.zeros_like(n, dtype=torch.bool))
 
     def _draft_propose(self, st, req, fan=None, site="draft"):
         """K draft steps from the recovery token r (SD, and SSD's jit backup, which samples from its own
@@ -488,7 +489,7 @@ class Engine:
         with self._timed(stats, "verify"):
             n, new = self._verify(st, req, proposal, q)
         self._commit_device(st, n, new)
-        return n, new, torch.zeros_like(n, dtype=torch.bool)
+        return _packed(n, new, torch.zeros_like(n, dtype=torch.bool))
 
     def _ngram_proposal(self, st, req):
         """ssd.ngram_proposal on the device: what followed the latest earlier occurrence of r."""
@@ -528,7 +529,7 @@ class Engine:
             st.spec = self._join_draft_side(job)
         self._commit_device(st, n, new)
         st.looked_up = self._lookup(st)
-        return n, new, st.looked_up[2]
+        return _packed(n, new, st.looked_up[2])
 
     def _ssd_round_device(self, st, req, stats, est):
         """SSD's round with the host out of the way (ssd_round.SSDRound): the host picks the fan-out and the
@@ -825,11 +826,16 @@ def ssd_lookahead(target_cfg, draft_cfg, batch: int, on_gpu: bool, k_max: int = 
     the draft hides under it (at least 2). Measured on one H200: the embedded 135M target (predicted side/verify
     0.76 at K = 2, 1.27 at K = 4) ran SSD fastest at K = 2 (hit rounds 1.17x the verify, 1.82x at K = 4); the 7B
     expanded target (0.08-0.14) at K = 4 (hit rounds 1.03-1.06x the verify)."""
-    def side(k):
-        return forward_cost(draft_cfg, batch, k + 1, on_gpu) + k * forward_cost(draft_cfg, batch * SSD_BUDGET_ONE_GPU,
-                                                                                 1, on_gpu)
-    fits = [k for k in range(2, k_max + 1) if side(k) <= SSD_SIDE_FITS * forward_cost(target_cfg, batch, k + 1, on_gpu)]
+    fits = [k for k in range(2, k_max + 1)
+            if ssd_side_cost(draft_cfg, batch, k, on_gpu) <= SSD_SIDE_FITS * forward_cost(target_cfg, batch, k + 1, on_gpu)]
     return max(fits) if fits else 2
+
+
+def ssd_side_cost(draft_cfg, batch: int, k: int, on_gpu: bool) -> float:
+    """Seconds of SSD's draft side by the COST roofline: the glue pass over K + 1 tokens and K tree steps over
+    SSD_BUDGET_ONE_GPU branches per row."""
+    return forward_cost(draft_cfg, batch, k + 1, on_gpu) + k * forward_cost(draft_cfg, batch * SSD_BUDGET_ONE_GPU, 1,
+                                                                             on_gpu)
 
 
 def choose_mode(target_cfg, draft_cfg, k: int, batch: int, on_gpu: bool, accept_rate: float = 0.6,
@@ -854,8 +860,8 @@ def choose_mode(target_cfg, draft_cfg, k: int, batch: int, on_gpu: bool, accept_
     t_ar = forward_cost(target_cfg, batch, 1, on_gpu)
     if ssd_round and on_gpu and batch == 1:
         ks = ssd_lookahead(target_cfg, draft_cfg, batch, on_gpu)
-        side = forward_cost(draft_cfg, batch, ks + 1, on_gpu) + ks * forward_cost(draft_cfg, SSD_BUDGET_ONE_GPU, 1, on_gpu)
-        t_round = SSD_HIT_ROUND * max(forward_cost(target_cfg, batch, ks + 1, on_gpu), side)
+        t_round = SSD_HIT_ROUND * max(forward_cost(target_cfg, batch, ks + 1, on_gpu),
+                                      ssd_side_cost(draft_cfg, batch, ks, on_gpu))
         tokens = SSD_HIT_RATE * expected(ks) + (1 - SSD_HIT_RATE) * SSD_MISS_TOKENS
         gain = tokens / t_round * t_ar
         if gain >= SD_OVER_AR_MARGIN:
@@ -881,6 +887,12 @@ def _saguaro_f(f, c):
     """The fan-out a step's Saguaro rescaling depends on: none at C >= 1 (no rescaling). Graph keys use
     this, so a fan-out that follows the running acceptance estimate does not capture new graphs."""
     return f if c < 1.0 else 0
+
+
+def _packed(n, new, hit):
+    """What the host reads of a round, one row per sequence: [n, the K + 1 new tokens, hit] (ssd_round packs the
+    same inside its graph)."""
+    return torch.cat([n[:, None], new, hit[:, None].long()], 1)
 
 
 def _no_grad_call(fn, *args):
@@ -953,9 +965,6 @@ class _Run:
         finally:
             if eng.check_sync:
                 torch.cuda.set_sync_debug_mode("default")
-        if isinstance(out, tuple):
-            n, new, hit_next = out
-            out = torch.cat([n[:, None], new, hit_next[:, None].long()], 1)
         ready = None
         if out.is_cuda:   # copy back without waiting (ordered before the next round's writes); _finish waits for
             packed = eng._pinned(out.shape, self._launches)   # this event only

@@ -11,7 +11,7 @@ Reported per system, K and temperature (medians over the prompts' calls):
                   (pipelined, a launch can wait for the round in flight: that is not host work)
   round_ms        wall time per round (pipelined rounds: between two read-backs)
   tokens/round    new tokens per round and row
-  verify_ms       the bare verify: the target's CUDA graph over K + 1 positions replayed back to back
+  verify_ms       the bare verify: the target's CUDA graph over K + 1 positions replayed back to back (mean)
   hit_round_ms    SSD: rounds where every row hit; hit_over_verify = hit_round_ms / verify_ms
   hit_rate        SSD: the fraction of rows whose speculation was cached
 SSD runs twice: its draft side on a second stream inside the round's graph ("ssd") and after the target's part on
@@ -37,32 +37,13 @@ import ssd_fast  # noqa: E402
 SYSTEMS = ("ar", "sd", "ssd", "ssd_seq")
 
 
-def event_time(fn, reps=30) -> float:
-    """Median seconds of fn on the GPU (events), or wall time on the CPU."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bare_verify(engine, k: int, batch: int) -> float:
     """Seconds of the target's forward over K + 1 positions (a CUDA graph replay where graphs run)."""
     Bb = ssd_fast.bucket(batch)
     tc = engine._cache(engine.target, "target", Bb)
     pos = (tc.slots - k - 2 + torch.arange(k + 1, device=engine.device))[None].expand(Bb, -1).contiguous()
     tok = torch.zeros_like(pos)
-    return event_time(lambda: engine.t_run.step(tc, tok, pos))
+    return engine._time(lambda: engine.t_run.step(tc, tok, pos), reps=30)
 
 
 def measure(engine, prompts, kw) -> dict:
