@@ -15,8 +15,8 @@ A round is three parts, each a function of persistent device tensors that it rea
 
 On a GPU the whole round is ONE CUDA graph; with `concurrent` the draft side is a second stream inside it,
 forked after `select` and joined at the end of the round (only the next round reads what it wrote), so the
-draft builds the next cache while the target verifies. Nothing in a round needs the host, so rounds are pipelined like AR and SD: round n+1 is launched
-before round n is read back. The graph is captured before the first round, keyed by shapes (batch bucket, K,
+draft builds the next cache while the target verifies. Nothing in a round needs the host, so rounds are
+pipelined like AR and SD: round n+1 is launched before round n is read back. The graph is captured before the first round, keyed by shapes (batch bucket, K,
 branches, which backup, whether q rows exist, concurrency); the warm-up runs that precede a capture are undone
 (the state is restored, the random streams rewound), so capturing never changes a run.
 
@@ -94,10 +94,10 @@ class SSDRound:
     # --- the fan-out as device data ------------------------------------------------------------------
 
     def set_fan(self, fan, dynamic_saguaro: bool):
-        """Point the slot tables at `fan` (F_j per outcome j; their sum fills at most N branches). A table is
-        made once per distinct fan-out, in pinned host memory, and copied in on the round's stream: no host
+        """Point the slot tables at `fan` (F_j <= f_cap per outcome j; their sum fills at most N branches). A table
+        is made once per distinct fan-out, in pinned host memory, and copied in on the round's stream: no host
         synchronization, and the round in flight reads the old table before the copy lands."""
-        fan = tuple(min(f, self.f_cap) for f in fan)
+        fan = tuple(fan)
         if fan == self.fan:
             return
         if fan not in self._fan_tables:
@@ -281,20 +281,20 @@ class SSDRound:
         return backup, concurrent, self.send_q, self.draft_greedy, fixed, req.c, req.top_k, req.top_p
 
     def prepare(self, backup, fan, concurrent):
-        """Capture the round for `backup` now (before the first round is timed), unless it exists."""
+        """The round's graph for `backup`, captured now (before the first round is timed) unless it exists."""
         self.set_fan(fan, self.eng.req.fan is None and self.eng.req.c < 1.0)
         key = self.graph_key(backup, fan, concurrent)
         if key not in self.graphs:
             self.graphs[key] = self.capture(lambda: self.round(backup, fan, concurrent))
+        return self.graphs[key]
 
     def launch(self, stats, backup: str, fan, concurrent: bool, graphs: bool):
         """Run (or replay) one round; returns the packed device tensor [Bb, K + 3] the host reads."""
-        self.set_fan(fan, self.eng.req.fan is None and self.eng.req.c < 1.0)
         if not graphs:
+            self.set_fan(fan, self.eng.req.fan is None and self.eng.req.c < 1.0)
             self._parts(stats, backup, fan)
             return self.packed
-        self.prepare(backup, fan, concurrent)
-        self.graphs[self.graph_key(backup, fan, concurrent)].replay()
+        self.prepare(backup, fan, concurrent).replay()
         return self.packed
 
     def _parts(self, stats, backup, fan):
