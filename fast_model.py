@@ -39,12 +39,12 @@ class Ops:
              "sample_exponential_race", "verify", "silu_mul", "skinny_linear")
 
     def __init__(self, use_triton: bool, triton=()):
-        import kernels
+        import ssd_kernels
         unknown = set(triton) - set(self.NAMES)
         if unknown:
             raise ValueError(f"unknown kernels {sorted(unknown)}: choose from {', '.join(self.NAMES)}")
         for name in self.NAMES:
-            setattr(self, name, getattr(kernels, name if use_triton or name in triton else name + "_ref"))
+            setattr(self, name, getattr(ssd_kernels, name if use_triton or name in triton else name + "_ref"))
         self.use_triton = use_triton
 
 
@@ -67,8 +67,8 @@ class FastCache:
 
 
 class FastModel:
-    """`linear` picks the implementation of the projections of steps with at most kernels.SKINNY_MAX_ROWS
-    (= 1) rows, i.e. decode at batch 1: "torch" (F.linear, cuBLAS), "triton" (kernels.skinny_linear) or
+    """`linear` picks the implementation of the projections of steps with at most ssd_kernels.SKINNY_MAX_ROWS
+    (= 1) rows, i.e. decode at batch 1: "torch" (F.linear, cuBLAS), "triton" (ssd_kernels.skinny_linear) or
     "auto" (on a GPU, per projection, whichever timed faster on this model's weights; see choose_linear).
     Steps with more rows (batches, verify, prefill, the tree) always use F.linear."""
 
@@ -151,14 +151,14 @@ class FastModel:
         """Per projection: time F.linear against the skinny kernel's configs over every layer's weight and
         keep the faster (timed), or take the skinny kernel's first config (timed=False). Before any graph
         capture: the timing synchronizes."""
-        import kernels
-        self.skinny_max_rows = kernels.SKINNY_MAX_ROWS
+        import ssd_kernels
+        self.skinny_max_rows = ssd_kernels.SKINNY_MAX_ROWS
         with on_device(self.device):
             for name in self.PROJECTIONS:
                 if timed:
-                    self.linear[name], self.linear_times[name] = kernels.skinny_linear_choose(self._weights(name))
+                    self.linear[name], self.linear_times[name] = ssd_kernels.skinny_linear_choose(self._weights(name))
                 else:
-                    self.linear[name] = kernels.SKINNY_CONFIGS[0]
+                    self.linear[name] = ssd_kernels.SKINNY_CONFIGS[0]
 
     def _linear(self, h, name, w, b=None):
         cfg = self.linear.get(name)

@@ -2,7 +2,7 @@
 
 What changes from the reference, and why:
 - Weights are re-laid for fewer launches (fused QKV and gate-up matrices) in bf16 on the GPU.
-- The hot paths run Triton kernels (kernels.py): attention over a slot-indexed KV cache for decode
+- The hot paths run Triton kernels (ssd_kernels.py): attention over a slot-indexed KV cache for decode
   and verify, tree attention with an implicit mask for SSD's speculation tree, fused add + RMSNorm,
   RoPE fused with the KV-cache write, and the fused verify / residual sampling by exponential race
   (no host synchronization).

@@ -80,10 +80,10 @@ def test_device_ngram_equals_reference(pair, cpu_engine):
 
 
 def test_fast_skinny_linear_equals_torch(pair):
-    """The projections through kernels.skinny_linear (Triton, interpreted on a CPU) give F.linear's logits for
+    """The projections through ssd_kernels.skinny_linear (Triton, interpreted on a CPU) give F.linear's logits for
     a one-row decode step, and F.linear still serves the steps with more rows (batches, verify, prefill)."""
-    import kernels
-    if not kernels.INTERPRET:
+    import ssd_kernels
+    if not ssd_kernels.INTERPRET:
         pytest.skip("needs the Triton interpreter on the CPU")
     target = pair[0]
     torch_model = ssd_fast.FastModel(target, "cpu", torch.float32, ssd_fast.Ops(use_triton=True), linear="torch")

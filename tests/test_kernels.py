@@ -1,4 +1,4 @@
-"""kernels.py against its torch references.
+"""ssd_kernels.py against its torch references.
 
 On a machine without CUDA the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set below before
 triton is imported), on CPU tensors, in float32 with tight tolerances; shapes are small but awkward.  Tests
@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kernels as K  # noqa: E402
+import ssd_kernels as K  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and not K.INTERPRET else "cpu"
 gpu = pytest.mark.gpu

@@ -12,7 +12,7 @@ real (attending) model is checked greedily in test_context.py.
 import pytest
 import torch
 
-import kernels
+import ssd_kernels
 import ssd
 import ssd_fast
 import ssd_round
@@ -138,7 +138,7 @@ def test_eos_rows_stop_and_stay_exact(models):
 
 # --- negative controls: realistic mistakes, each must fail ---------------------------------------
 
-_draft_sample, _verify_ref = ssd.draft_sample, kernels.verify_ref     # the right ones, before any patching
+_draft_sample, _verify_ref = ssd.draft_sample, ssd_kernels.verify_ref     # the right ones, before any patching
 
 def _sampled_from_q_prime_verified_with_q(logits, t, opts, fan_out, c, gen):
     q = ssd.to_probs(logits, t, opts.top_k, opts.top_p)
@@ -154,7 +154,7 @@ def _resample_from_p(p, q, proposal, u, noise):
     """verify, but a rejection samples the target's p instead of the residual max(0, p - q)."""
     n, _ = _verify_ref(p, q, proposal, u, noise)
     p_n = p[torch.arange(p.shape[0]), n]
-    return n, kernels.sample_exponential_race_ref(p_n, noise)
+    return n, ssd_kernels.sample_exponential_race_ref(p_n, noise)
 
 
 def _cached_q_kept_on_a_miss(self, hit, cached, cached_q, s, qs):
@@ -189,7 +189,7 @@ def _apply(mistake, monkeypatch, backend):
     if "residual" in patches:
         monkeypatch.setattr(ssd, "residual", patches["residual"])
     if "verify" in patches:
-        monkeypatch.setattr(kernels, "verify_ref", patches["verify"])
+        monkeypatch.setattr(ssd_kernels, "verify_ref", patches["verify"])
     if "deterministic_q" in patches:
         monkeypatch.setattr(ssd, "deterministic_q", patches["deterministic_q"])
     if "merge" in patches:
@@ -241,7 +241,7 @@ def test_draft_and_verifier_streams_are_independent(models, monkeypatch, backend
 # --- the Triton verify and sampling kernels inside the engine (interpreted on a CPU) ----------------
 
 def test_triton_verify_and_race_kernels_in_the_engine(models):
-    if not kernels.INTERPRET and not torch.cuda.is_available():
+    if not ssd_kernels.INTERPRET and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1) on a CPU")
     prompts = batch_prompts(12)
     out = generate("fast", models, prompts, engine=dict(triton_ops=("verify", "sample_exponential_race")),

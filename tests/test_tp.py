@@ -15,7 +15,7 @@ from conftest import ROOT, make_checkpoint
 
 PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [1, 2], [70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 12], [33]]
 # linear="torch": the shards run their projections in cuBLAS, so the TP=1 engines compared with them do too
-# (on a GPU, "auto" may put TP=1's one-row decode projections in kernels.skinny_linear).
+# (on a GPU, "auto" may put TP=1's one-row decode projections in ssd_kernels.skinny_linear).
 QUIET = dict(log=lambda *a: None, linear="torch")
 
 

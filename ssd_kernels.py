@@ -55,7 +55,7 @@ def _check_device(*tensors):
         if t is not None:
             assert t.device == dev, f"all tensors must be on one device, got {t.device} and {dev}"
     if dev.type == "cpu" and not INTERPRET:
-        raise RuntimeError("kernels.py: CPU tensors need the Triton interpreter; set TRITON_INTERPRET=1 before "
+        raise RuntimeError("ssd_kernels.py: CPU tensors need the Triton interpreter; set TRITON_INTERPRET=1 before "
                            "importing triton, or call the *_ref function instead")
 
 
