@@ -182,15 +182,16 @@ class FastModel:
         B, T = tokens.shape
         H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         x, resid = self.embed[tokens], None
+        live = self._live_slots(positions, tree)
         for i, L in enumerate(self.layers):
             h, resid = ops.add_rmsnorm(x, resid, L["ln1"], cfg.rms_norm_eps)
             qkv = self._linear(h, "wqkv", L["wqkv"], L["bqkv"])
             if tree is None and not cfg.qk_norm:   # decode / verify: RoPE and the cache write in one launch
                 q = ops.rope_kv_write(qkv.view(B, T, H + 2 * Hkv, D), positions, self.cos, self.sin,
                                       cache.k[i], cache.v[i], H, Hkv)
-                attn = ops.cache_attention(q, cache.k[i], cache.v[i], positions[:, 0], self.scale)
+                attn = ops.cache_attention(q, cache.k[i][:, :live], cache.v[i][:, :live], positions[:, 0], self.scale)
             else:
-                attn = self._attention_unfused(qkv, positions, cache, tree, i, L)
+                attn = self._attention_unfused(qkv, positions, cache, tree, i, L, live)
             x = self._linear(attn.reshape(B, T, H * D), "wo", L["wo"], L["bo"])
             h, resid = ops.add_rmsnorm(x, resid, L["ln2"], cfg.rms_norm_eps)
             gate_up = self._linear(h, "w_gate_up", L["w_gate_up"], L["b_gate_up"])
@@ -198,7 +199,18 @@ class FastModel:
         h, _ = ops.add_rmsnorm(x, resid, self.norm, cfg.rms_norm_eps)
         return self._linear(h, "lm_head", self.lm_head).float()
 
-    def _attention_unfused(self, qkv, positions, cache, tree, i, L):
+    def _live_slots(self, positions, tree):
+        """How many cache slots the attention reads. On a GPU: all of them (the kernels skip the slots past
+        each row's limit, and a CUDA graph needs fixed shapes). On a CPU the PyTorch references cost what they
+        read, so they read up to the batch's longest live sequence, rounded up to a power of two (at least 32)
+        so that the shapes stay few: the cost follows the tokens in use, not the allocated context."""
+        if torch.device(self.device).type != "cpu":
+            return None
+        last = (tree[0] + tree[1].amax(-1)) if tree is not None else positions[:, -1]
+        need = int(last.max()) + 1
+        return max(32, 1 << (need - 1).bit_length())
+
+    def _attention_unfused(self, qkv, positions, cache, tree, i, L, live=None):
         """Attention of layer i with the separate RoPE and cache writes: Qwen3's q/k norms come between
         the projection and RoPE, and the tree step writes its keys to the branch buffers."""
         cfg, ops = self.cfg, self.ops
@@ -216,11 +228,11 @@ class FastModel:
             rows = torch.arange(B, device=positions.device)[:, None]
             cache.k[i][rows, positions] = k
             cache.v[i][rows, positions] = v
-            return ops.cache_attention(q, cache.k[i], cache.v[i], positions[:, 0], self.scale)
+            return ops.cache_attention(q, cache.k[i][:, :live], cache.v[i][:, :live], positions[:, 0], self.scale)
         trunk_lens, branch_glue, depth = tree
         cache.k_tree[i][:, :, depth] = k
         cache.v_tree[i][:, :, depth] = v
-        return ops.tree_attention(q, cache.k[i], cache.v[i], trunk_lens, branch_glue, cache.k_tree[i],
+        return ops.tree_attention(q, cache.k[i][:, :live], cache.v[i][:, :live], trunk_lens, branch_glue, cache.k_tree[i],
                                   cache.v_tree[i], depth, self.scale)
 
 class Graphed:

@@ -205,7 +205,7 @@ class Attention(nn.Module):
         sliding = cfg.layer_types and cfg.layer_types[layer] == "sliding_attention"
         self.window = cfg.sliding_window if sliding else None
 
-    def forward(self, x, cos, sin, cache: KVCache, slots, visible, positions):
+    def forward(self, x, cos, sin, cache: KVCache, slots, visible, positions, keys_at):
         B, T, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).view(B, T, cfg.num_attention_heads, cfg.head_dim)
@@ -218,10 +218,9 @@ class Attention(nn.Module):
         rows = torch.arange(B, device=x.device)[:, None]
         cache.k[self.layer][rows, slots] = k.to(cache.k[self.layer].dtype)
         cache.v[self.layer][rows, slots] = v.to(cache.v[self.layer].dtype)
-        S = visible.shape[-1]
-        keys, values = cache.k[self.layer][:, :S], cache.v[self.layer][:, :S]
+        keys, values = cache.k[self.layer][:, keys_at], cache.v[self.layer][:, keys_at]
         if self.window:  # sliding-window layers see only the last `window` positions
-            visible = visible & (positions[:, :, None] - cache.pos[:, None, :S] < self.window)
+            visible = visible & (positions[:, :, None] - cache.pos[:, None, keys_at] < self.window)
         # Grouped-query attention: each KV head serves num_heads / num_kv_heads query heads.
         group = cfg.num_attention_heads // cfg.num_key_value_heads
         keys, values = keys.repeat_interleave(group, dim=2), values.repeat_interleave(group, dim=2)
@@ -284,9 +283,12 @@ class Transformer(nn.Module):
         return KVCache(self.cfg, batch, main_slots, scratch_slots, dtype=w.dtype, device=w.device)
 
     @torch.no_grad()
-    def forward(self, tokens, positions, cache: KVCache, slots, visible) -> torch.Tensor:
-        """tokens, positions, slots: [B, T]; visible: bool [B, T, S], which cache slots each query
-        may attend (its own slot included). Returns float32 logits [B, T, V]."""
+    def forward(self, tokens, positions, cache: KVCache, slots, visible, keys_at=None) -> torch.Tensor:
+        """tokens, positions, slots: [B, T]; visible: bool [B, T, S], which of the cache slots `keys_at`
+        (default: the first S) each query may attend, its own slot included. Attention reads only those
+        slots, so its cost follows the tokens in use, not the cache's size. Returns float32 logits [B, T, V]."""
+        if keys_at is None:
+            keys_at = torch.arange(visible.shape[-1], device=tokens.device)
         inv_freq, scale = self.inv_freq, self.attn_scale
         if (self.cfg.rope_scaling or {}).get("rope_type") == "dynamic":
             inv_freq, scale = rope_inv_freq(self.cfg, int(positions.max()) + 1)
@@ -295,7 +297,7 @@ class Transformer(nn.Module):
         cache.pos[torch.arange(tokens.shape[0], device=tokens.device)[:, None], slots] = positions
         x = self.model.embed_tokens(tokens)
         for block in self.model.layers:
-            x = block(x, cos, sin, cache, slots, visible, positions)
+            x = block(x, cos, sin, cache, slots, visible, positions, keys_at)
         return self.lm_head(self.model.norm(x)).float()
 
 
@@ -784,8 +786,9 @@ def tree_decode(draft, cache, trunk, branch_j, cand, fan, opts, ctx):
     B, N, K, dev = cand.shape[0], cand.shape[1], ctx.k, draft.device
     base = torch.tensor(trunk, device=dev)[:, None]                 # position of r per row
     scratch = cache.main_slots + torch.arange(N, device=dev)[:, None] * K  # [N, 1] first slot
-    S = cache.main_slots + N * K
-    slot_ids = torch.arange(S, device=dev)
+    # Attend over the slots in use only: the trunk and glue up to the longest row, then the scratch slots.
+    trunk_end = int(base.max()) + int(branch_j.max()) + 1
+    slot_ids = torch.cat([torch.arange(trunk_end, device=dev), cache.main_slots + torch.arange(N * K, device=dev)])
     sees_glue = slot_ids[None, None] <= (base + branch_j[None].to(dev))[..., None]    # trunk + r..s_j
     tokens, out_tokens, out_q = cand.to(dev), [], []
     for depth in range(K):
@@ -793,7 +796,7 @@ def tree_decode(draft, cache, trunk, branch_j, cand, fan, opts, ctx):
         slots = (scratch[:, 0] + depth)[None].expand(B, N)
         own = (slot_ids[None] >= scratch) & (slot_ids[None] <= scratch + depth)       # [N, S]
         visible = (sees_glue & (slot_ids < cache.main_slots)) | own[None]
-        logits = draft(tokens, positions, cache, slots, visible)
+        logits = draft(tokens, positions, cache, slots, visible, slot_ids)
         # Saguaro sampling: a token at depth d is proposal d+1; if rejected, outcome n = d decides
         # the next key, so downweight the draft's top-(F_d + 1).
         tokens, q = draft_sample(logits, ctx.t_draft, opts, fan[depth], ctx.c, ctx.rng["draft"])

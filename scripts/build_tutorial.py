@@ -600,9 +600,13 @@ calls = []                                            # every draft forward of t
 
 
 def record_call(module, args, output):
-    tokens, positions, cache, slots, visible = args
+    tokens, positions, cache, slots, visible, *keys_at = args
+    # ssd.py masks only the slots it reads (keys_at: the slots in use); spread the mask over every slot
+    keys_at = keys_at[0] if keys_at else torch.arange(visible.shape[-1])
+    every_slot = torch.zeros(*visible.shape[:2], int(keys_at.max()) + 1, dtype=torch.bool)
+    every_slot[..., keys_at] = visible
     calls.append(dict(tokens=tokens.clone(), positions=positions.clone(), slots=slots.clone(),
-                      visible=visible.clone(), main_slots=cache.main_slots, logits=output.clone()))
+                      visible=every_slot, main_slots=cache.main_slots, logits=output.clone()))
 
 
 hook = draft.register_forward_hook(record_call)

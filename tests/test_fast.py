@@ -373,3 +373,24 @@ def test_pipelined_rounds_equal_one_at_a_time(pair, mode, kw):
     assert [r.active for r in a.rounds] == [r.active for r in b.rounds]
     sa, sb = a.summary(), b.summary()
     assert sa["tokens_per_round"] == sb["tokens_per_round"] and sa["generated_tokens"] == sb["generated_tokens"]
+
+
+@pytest.mark.parametrize("mode,kw", [("ar", {}), ("sd", dict(k=3)), ("ssd", dict(k=3, backup="jit"))])
+def test_cpu_attention_reads_only_the_slots_in_use(pair, mode, kw, monkeypatch):
+    """On a CPU the attention's cost follows the tokens in use: with the largest cache every attention call reads
+    at most the batch's longest live sequence rounded up to a power of two (>= 32), and the tokens are those of a
+    cache sized to the request."""
+    reads = []
+    big = ssd_fast.Engine(*pair, device="cpu", max_seq=4096, log=lambda *a: None)
+    for name in ("cache_attention", "tree_attention"):
+        real = getattr(big.target.ops, name)
+        def spy(q, k_cache, *rest, real=real):
+            reads.append(k_cache.shape[1])
+            return real(q, k_cache, *rest)
+        for model in {id(big.target): big.target, id(big.draft): big.draft}.values():
+            monkeypatch.setattr(model.ops, name, spy)
+    out = big.generate(PROMPTS[:3], mode=mode, max_new_tokens=20, eos_token_id=[], **kw)
+    longest = max(map(len, PROMPTS[:3])) + 20 + 4 + 1      # prompt + new tokens + the lookahead's room
+    assert reads and max(reads) <= max(32, 1 << (longest - 1).bit_length()) < big.max_seq
+    small = ssd_fast.Engine(*pair, device="cpu", max_seq=64, log=lambda *a: None)
+    assert out.tokens == small.generate(PROMPTS[:3], mode=mode, max_new_tokens=20, eos_token_id=[], **kw).tokens
