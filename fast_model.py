@@ -189,7 +189,7 @@ class FastModel:
             if tree is None and not cfg.qk_norm:   # decode / verify: RoPE and the cache write in one launch
                 q = ops.rope_kv_write(qkv.view(B, T, H + 2 * Hkv, D), positions, self.cos, self.sin,
                                       cache.k[i], cache.v[i], H, Hkv)
-                attn = ops.cache_attention(q, cache.k[i][:, :live], cache.v[i][:, :live], positions[:, 0], self.scale)
+                attn = ops.cache_attention(q, *_in_use(cache, i, live), positions[:, 0], self.scale)
             else:
                 attn = self._attention_unfused(qkv, positions, cache, tree, i, L, live)
             x = self._linear(attn.reshape(B, T, H * D), "wo", L["wo"], L["bo"])
@@ -228,12 +228,19 @@ class FastModel:
             rows = torch.arange(B, device=positions.device)[:, None]
             cache.k[i][rows, positions] = k
             cache.v[i][rows, positions] = v
-            return ops.cache_attention(q, cache.k[i][:, :live], cache.v[i][:, :live], positions[:, 0], self.scale)
+            return ops.cache_attention(q, *_in_use(cache, i, live), positions[:, 0], self.scale)
         trunk_lens, branch_glue, depth = tree
         cache.k_tree[i][:, :, depth] = k
         cache.v_tree[i][:, :, depth] = v
-        return ops.tree_attention(q, cache.k[i][:, :live], cache.v[i][:, :live], trunk_lens, branch_glue, cache.k_tree[i],
+        return ops.tree_attention(q, *_in_use(cache, i, live), trunk_lens, branch_glue, cache.k_tree[i],
                                   cache.v_tree[i], depth, self.scale)
+
+def _in_use(cache, layer, live):
+    """Layer's keys and values, cut to the first `live` slots (None: all, as on a GPU)."""
+    if live is None:
+        return cache.k[layer], cache.v[layer]
+    return cache.k[layer][:, :live], cache.v[layer][:, :live]
+
 
 class Graphed:
     """A model step as a CUDA graph for fixed shapes: inputs are copied into static buffers and the

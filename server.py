@@ -797,12 +797,34 @@ exit status: 0 stopped (Ctrl-C or SIGTERM: the requests in progress finish first
     g.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     g.add_argument("--served-model-name", metavar="NAME",
                    help="the model name clients send (default: the target checkpoint's directory name)")
-    g.add_argument("--max-batch", type=int, default=16, metavar="N",
-                   help="rows decoded together: concurrent requests share a batch of up to N (default 16)")
+    g.add_argument("--max-batch", type=int, default=None, metavar="N",
+                   help="rows decoded together: concurrent requests share a batch of up to N (default 16 on a GPU; "
+                        f"on a CPU {CPU_ROWS_PER_THREAD} per --threads thread, at most 16, said at start-up)")
     g.add_argument("--batch-window", type=float, default=20.0, metavar="MS",
                    help="when idle, a request waits up to MS for others (until --max-batch are waiting), so that a "
                         "burst starts with one batched prefill instead of one admit per request (default 20)")
     return ap
+
+
+# On a CPU a batch's step costs about its rows' work (no idle parallel units to fill), and the KV cache lives in
+# the machine's memory: serve a few rows per thread and a context that answers chats, not the models' window.
+CPU_ROWS_PER_THREAD, CPU_CONTEXT = 4, 2048
+
+
+def size_for_the_machine(args, on_gpu: bool, threads: int) -> list:
+    """Fill in --max-batch when not given: 16 on a GPU, CPU_ROWS_PER_THREAD per thread (at most 16) on a CPU.
+    Returns the CPU defaults taken, to be said at start-up."""
+    if args.max_batch is not None:
+        return []
+    args.max_batch = 16 if on_gpu else min(16, CPU_ROWS_PER_THREAD * threads)
+    return [] if on_gpu else [f"--max-batch {args.max_batch}"]
+
+
+def kv_gib(target_cfg, draft_cfg, rows: int, context: int) -> float:
+    """The KV caches of `rows` rows of `context` tokens in float32 (the CPU's dtype), target and draft."""
+    per_token = sum(2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4
+                    for c in (target_cfg, draft_cfg) if c is not None)
+    return rows * context * per_token / 2 ** 30
 
 
 def check_args(args):
@@ -820,7 +842,7 @@ def check_args(args):
         args.prompt, args.seed = [], seed
     if not 0 <= args.port <= 65535:
         raise cli.UsageError(f"--port must be in 0..65535, got {args.port}")
-    if not 1 <= args.max_batch <= 64:
+    if args.max_batch is not None and not 1 <= args.max_batch <= 64:
         raise cli.UsageError(f"--max-batch must be in 1..64, got {args.max_batch}")
     if not (math.isfinite(args.batch_window) and 0 <= args.batch_window <= 1000):
         raise cli.UsageError(f"--batch-window must be in 0..1000 ms, got {args.batch_window}")
@@ -839,6 +861,7 @@ def load(args, log):
     on_gpu = placement.target != "cpu"
     if not on_gpu:
         torch.set_num_threads(cli.cpu_threads(args.threads, torch))
+    cpu_defaults = size_for_the_machine(args, on_gpu, torch.get_num_threads())
     if args.mode == "auto" and args.target is not None and args.draft is None:
         args.mode = "ar"                    # no draft to speculate with
     target_dir, draft_dir, _ = cli.resolve_models(args, log)
@@ -847,7 +870,12 @@ def load(args, log):
     if args.mode == "auto":   # the default mode of requests: SSD, SD or AR by the configs (a request may ask for any)
         cli.settle_auto_mode(args, on_gpu, target_cfg, draft_cfg, args.max_batch, log)
     window = min(target_cfg.max_position_embeddings, draft_cfg.max_position_embeddings if draft_cfg else 1 << 30)
-    context = args.max_context or min(window, 4096)
+    context = args.max_context or min(window, 4096 if on_gpu else CPU_CONTEXT)
+    if cpu_defaults:
+        threads = torch.get_num_threads()
+        log(f"CPU defaults, sized to this machine ({threads} thread{'s' * (threads > 1)}): " + ", ".join(cpu_defaults)
+            + (f", --max-context {context}" if not args.max_context else "")
+            + " (KV cache " + f"{kv_gib(target_cfg, draft_cfg, args.max_batch, context):.2f} GiB); the flags change them")
     if context > window:
         raise cli.UsageError(f"--max-context {context} is longer than the models' context window ({window} tokens)")
     tok = embedded.load_tokenizer(target_dir)

@@ -256,15 +256,16 @@ class TPShard:
         B, T = tokens.shape
         H, Hkv, D = m.cfg.num_attention_heads, m.cfg.num_key_value_heads, cfg.head_dim     # local heads
         x, resid = self._embed(tokens), None
+        live = m._live_slots(positions, None)         # on a CPU the slots in use only (None on a GPU: all)
         for i, L in enumerate(m.layers):
             h, resid = ops.add_rmsnorm(x, resid, L["ln1"], cfg.rms_norm_eps)
             qkv = F.linear(h, L["wqkv"], L["bqkv"])                   # column-parallel: the rank's heads
             if not cfg.qk_norm:   # RoPE and the cache write in one launch, as in FastModel
                 q = ops.rope_kv_write(qkv.view(B, T, H + 2 * Hkv, D), positions, m.cos, m.sin,
                                       cache.k[i], cache.v[i], H, Hkv)
-                attn = ops.cache_attention(q, cache.k[i], cache.v[i], positions[:, 0], m.scale)
+                attn = ops.cache_attention(q, *fast_model._in_use(cache, i, live), positions[:, 0], m.scale)
             else:                 # the local FastModel's path over the rank's heads
-                attn = m._attention_unfused(qkv, positions, cache, None, i, L)
+                attn = m._attention_unfused(qkv, positions, cache, None, i, L, live)
             bo, b_down = self.row_bias[i]
             x = self._row_parallel_sum(F.linear(attn.reshape(B, T, H * D), L["wo"]), bo)
             h, resid = ops.add_rmsnorm(x, resid, L["ln2"], cfg.rms_norm_eps)
