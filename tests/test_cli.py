@@ -735,10 +735,9 @@ def test_memory_check_refuses_what_does_not_fit(monkeypatch):
 def test_mode_auto_rule():
     """--mode auto (ssd_fast.choose_mode): SSD for one row on a GPU whose SSD round is one CUDA graph, with the K
     whose draft side hides under the verify; else SD where the models' sizes predict it faster than AR by the
-    margin, else AR. The cases measured (BENCHMARKS.md): the embedded pair on a 2-core CPU, one thread, 4 prompts
-    (AR 13.5 / 12.0 / 14.4 / 14.1 tok/s, SD 8.8 / 7.4 / 15.2 / 16.0) and on an H200 (SSD K=2 1575 vs AR 1136, SD
-    1218), the 7B pair on an H200 (SSD K=4 439 vs SD 410, AR 239), and at batch 4 and 16 (SSD at most SD's speed:
-    SD)."""
+    margin, else AR. The cases measured (BENCHMARKS.md, benchmarks/ssd_round/): the embedded pair on a 2-core CPU,
+    one thread (AR 12.9 tok/s, SD 11.3) and on an H200 (SSD K=2 1575 vs AR 1136, SD 1218), the 7B pair on an H200
+    (SSD K=4 439 vs SD 410, AR 239), and at batch 4 and 16 (SSD at most SD's speed: SD)."""
     import dataclasses as dc
     import ssd_fast
     from embedded import SHIPPED_DRAFT_DIR as DRAFT_DIR
