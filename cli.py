@@ -16,8 +16,9 @@ ssd_fast.Engine. The flags mean the same thing in both. What the program does, i
   5. generate: one prompt streams its text as rounds are accepted; several print one after another;
      `--json` prints one object; `--interactive` is a chat loop. A one-line summary follows.
 
-Stdout carries only the generated text and the summary (or the JSON object); everything else goes to
-stderr. Exit status: 0 done, 2 bad input, 3 out of memory, 130 interrupted (Ctrl-C; what was generated
+Stdout carries the output: the generated text (after the prompt itself with --no-chat) and the summary
+line; the JSON object alone with --json; the replies with --interactive (their summary lines go to stderr).
+Progress, notes and errors go to stderr. Exit status: 0 done, 2 bad input, 3 out of memory, 130 interrupted (Ctrl-C; what was generated
 is printed first).
 """
 from __future__ import annotations
@@ -45,7 +46,16 @@ examples:
   %(prog)s --prompt-file prompts.txt --json > out.json
   %(prog)s --interactive
 
+output: stdout carries the generated text and one summary line: one prompt's text as it is accepted (after the
+  prompt itself with --no-chat, since the text continues it); several prompts' texts each under a
+  '--- [i/n] PROMPT ---' line. --json: one JSON object and nothing else. --interactive: the replies (and the
+  '> ' prompt on a terminal); each reply's summary line goes to stderr. Progress, notes and errors go to stderr.
+{serving}
 exit status: 0 done, 2 bad input, 3 out of memory, 130 interrupted (what was generated is printed first)."""
+SERVING = """
+serving: %(prog)s --serve runs the OpenAI-compatible HTTP server (server.py) with the model, mode, device and
+  decoding flags above; %(prog)s --serve --help lists its own flags (--host, --port, --max-batch, ...).
+"""
 
 
 class UsageError(ValueError):
@@ -70,7 +80,8 @@ K_AUTO_MAX = 8   # the largest K that --k auto considers
 
 
 def build_parser(backend: str = "fast") -> argparse.ArgumentParser:
-    ap = _Parser(prog=PROGRAMS[backend], description=DESCRIPTIONS[backend], epilog=EPILOG,
+    ap = _Parser(prog=PROGRAMS[backend], description=DESCRIPTIONS[backend],
+                 epilog=EPILOG.format(serving=SERVING if backend == "fast" else ""),
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("input")
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
@@ -712,7 +723,6 @@ def check_memory(args, placement, target_cfg, draft_cfg, dtype, batch, context, 
 def open_checkpoints(target_dir, draft_dir, tok, startup):
     """loader.Checkpoint handles (headers only: no weights read) for the fast engine, and the draft's tokenizer
     checked against the target's (as ssd.load_pair does)."""
-    import embedded
     import loader
     target = loader.Checkpoint(target_dir, progress=startup.weights, name="target")
     draft = None
@@ -722,21 +732,27 @@ def open_checkpoints(target_dir, draft_dir, tok, startup):
         if not same_dir and any((draft_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
             startup("draft tokenizer check")
             probe = "Speculative decoding, 1234 ünïcödé {code: [x]}"
-            if embedded.load_tokenizer(draft_dir).encode(probe) != tok.encode(probe):
+            if load_tokenizer(draft_dir).encode(probe) != tok.encode(probe):
                 raise ValueError("the draft's tokenizer differs from the target's: use a draft with the same "
                                  "vocabulary")
     return target, draft
 
 
-def settle_auto_mode(args, on_gpu: bool, target_cfg, draft_cfg, batch: int, log, graphs: bool = True) -> None:
+def settle_auto_mode(args, on_gpu: bool, target_cfg, draft_cfg, batch: int, log, graphs: bool = True,
+                     unusable: str | None = None) -> None:
     """--mode auto: SSD, SD or AR by ssd_fast.choose_mode's rule (from the configs, not timings); says which and why.
-    SSD takes the K of ssd_fast.ssd_lookahead unless --k was given."""
+    SSD takes the K of ssd_fast.ssd_lookahead unless --k was given. `unusable`: why the given draft cannot
+    speculate for this target (AR, said so)."""
     import ssd_fast
     k = 4 if args.k_auto else args.k
+    if unusable is not None:
+        draft_cfg = None
     mode, gain = ssd_fast.choose_mode(target_cfg, draft_cfg, k, batch, on_gpu, ssd_round=on_gpu and graphs)
     if mode == "ssd" and not getattr(args, "k_given", True):
         args.k = ssd_fast.ssd_lookahead(target_cfg, draft_cfg, batch, on_gpu)
-    if gain is None:
+    if unusable is not None:
+        log(f"mode: ar (--mode auto: the draft cannot be used, {unusable}; --mode sd or ssd stops with this error)")
+    elif gain is None:
         log("mode: ar (--mode auto: no draft given)")
     else:
         k = args.k if mode == "ssd" and not args.k_auto else k
@@ -752,7 +768,27 @@ def read_model_config(path: Path, flag: str):
         raise FileNotFoundError(f"{flag} {path} is a file, not a model checkpoint: pass the checkpoint's directory")
     if not path.is_dir():
         raise FileNotFoundError(f"{flag} {path} does not exist: pass a Hugging Face checkpoint directory")
-    return ssd.ModelConfig.from_dict(ssd.read_config(path))
+    config = ssd.read_config(path)
+    try:
+        return ssd.ModelConfig.from_dict(config)
+    except KeyError as e:
+        raise ValueError(f"{path / 'config.json'} has no {e.args[0]!r}: is it a Hugging Face model's "
+                         "config.json?") from None
+    except TypeError as e:
+        raise ValueError(f"{path / 'config.json'} has a setting of the wrong type ({e})") from None
+
+
+def load_tokenizer(directory: Path):
+    """embedded.load_tokenizer, with an error that names the tokenizer file that is not JSON."""
+    import embedded
+    import ssd
+    try:
+        return embedded.load_tokenizer(directory)
+    except ValueError:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (directory / name).is_file():
+                ssd.read_json(directory / name)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -831,7 +867,6 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def _main(args, backend, placement, log) -> int:
-    import embedded
     import ssd
     import torch
 
@@ -848,14 +883,20 @@ def _main(args, backend, placement, log) -> int:
     if getattr(args, "mode_auto", False):
         # SSD's round as one CUDA graph: CUDA graphs on, the target on one GPU, the draft sharing it
         one_graph = not args.no_cuda_graphs and placement.tp == 1 and placement.draft in (None, placement.target)
+        unusable = None
+        if draft_cfg is not None:       # a draft of another vocabulary cannot speculate: AR, and say why
+            try:
+                ssd.check_compatible(_Spec(target_cfg), _Spec(draft_cfg))
+            except ValueError as e:
+                unusable = str(e)
         settle_auto_mode(args, placement.target != "cpu", target_cfg, draft_cfg, max(1, len(prompts_text)), log,
-                         graphs=one_graph)
+                         graphs=one_graph, unusable=unusable)
         if args.mode == "ar":
             draft_dir, draft_cfg, placement = None, None, dataclasses.replace(placement, draft=None)
     spec_t, spec_d = _Spec(target_cfg), (_Spec(draft_cfg) if draft_cfg else None)
     if spec_d is not None:
         ssd.check_compatible(spec_t, spec_d)
-    tok = embedded.load_tokenizer(target_dir)
+    tok = load_tokenizer(target_dir)
     # The front door talks to instruct models the way they were trained (their chat template); the
     # reference, a lesson in decoding, continues the raw text unless asked.
     chat = (tok.has_chat_template and (backend == "fast" or args.interactive)) if args.chat is None else args.chat

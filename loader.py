@@ -64,14 +64,14 @@ class Checkpoint:
     started, an upper bound on the load's own)."""
 
     def __init__(self, path, shared_embedding_from: Checkpoint | None = None, progress=None, name="target"):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         self.path = Path(path).expanduser()
         if not self.path.is_dir():
             raise FileNotFoundError(f"model path {self.path} does not exist (pass a checkpoint directory)")
         self.cfg = ssd.ModelConfig.from_dict(ssd.read_config(self.path))
         gen_cfg = self.path / "generation_config.json"   # as ssd.load_model: more stop tokens
         if gen_cfg.is_file():
-            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            eos = ssd.read_json(gen_cfg).get("eos_token_id")
             eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
             self.cfg.eos_token_ids = tuple(dict.fromkeys([*self.cfg.eos_token_ids, *eos]))
         self.files = sorted(self.path.glob("*.safetensors"))
@@ -82,10 +82,14 @@ class Checkpoint:
         self.offsets = {}   # tensor name -> its bytes [start, end) in its file
         for f in self.files:
             self.offsets.update({k.removeprefix("language_model."): v for k, v in _data_offsets(f).items()})
-            with safe_open(str(f), framework="pt") as st:
-                for key in st.keys():
-                    sl = st.get_slice(key)
-                    self.index[key.removeprefix("language_model.")] = (f, key, tuple(sl.get_shape()), sl.get_dtype())
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    for key in st.keys():
+                        sl = st.get_slice(key)
+                        self.index[key.removeprefix("language_model.")] = (f, key, tuple(sl.get_shape()),
+                                                                           sl.get_dtype())
+            except SafetensorError as e:      # a damaged or truncated file
+                raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
         if self.cfg.shared_embedding and shared_embedding_from is None:
             raise ValueError(f"{self.path} borrows its embedding from its target: load it as a draft, with the target")
         self.shared_from = shared_embedding_from if self.cfg.shared_embedding else None
@@ -344,9 +348,13 @@ def _data_offsets(file: Path) -> dict:
     size, the JSON header (data_offsets relative to the end of the header), then the data."""
     with open(file, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items()
-            if k != "__metadata__"}
+        try:
+            header = json.loads(f.read(n))
+            return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items()
+                    if k != "__metadata__"}
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ValueError(f"{file} is not a readable safetensors file (its header is not a safetensors "
+                             "header)") from None
 
 
 def _will_need(file: Path, start: int, length: int):

@@ -301,22 +301,40 @@ class Transformer(nn.Module):
         return self.lm_head(self.model.norm(x)).float()
 
 
+def read_json(file: Path) -> dict:
+    """A checkpoint's JSON file (config.json, generation_config.json) as a dict; anything else is an error that
+    names the file."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start}): is it a JSON file?") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} holds a JSON {type(data).__name__}, not an object of settings")
+    return data
+
+
 def read_config(path: Path) -> dict:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model checkpoint: it has no config.json "
                                 "(pass a Hugging Face checkpoint directory)")
-    return json.loads((path / "config.json").read_text())
+    return read_json(path / "config.json")
 
 
 def load_state_dict(path: Path) -> dict:
     """Single or sharded safetensors (model.safetensors / model-0000x-of-0000y.safetensors)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} has no *.safetensors weights (only safetensors checkpoints are supported)")
     state = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except SafetensorError as e:     # a damaged or truncated file
+            raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
     return state
 
 
@@ -329,7 +347,7 @@ def load_model(path, dtype=torch.float32, device="cpu", shared_embedding: torch.
     cfg = ModelConfig.from_dict(read_config(path))
     gen_cfg = path / "generation_config.json"   # instruct models often list more stop tokens here
     if gen_cfg.is_file():
-        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        eos = read_json(gen_cfg).get("eos_token_id")
         eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
         cfg.eos_token_ids = tuple(dict.fromkeys([*cfg.eos_token_ids, *eos]))
     state = {k.removeprefix("language_model."): v for k, v in load_state_dict(path).items()}

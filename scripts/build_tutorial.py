@@ -1503,7 +1503,10 @@ miss the backup before the verify can start.
 **The draft's cost, swept.** Where exactly SSD starts to pay depends on the draft's cost relative to the verify:
 the project's benchmark plan sweeps it (the shipped draft, and the same draft widened to cost more at the same
 acceptance) together with $K$, with SSD/SD measured and predicted by `scripts/speed_model.py`. The next cell shows
-that sweep from `benchmarks/` if it has been run.
+that sweep from `benchmarks/` if it has been run. The sweep stored there ran on this notebook's pair with the engine
+before SSD's round was one CUDA graph (commit `5b7db49`: the draft's side on a second stream of the same GPU,
+launched by the host every round), so its SSD figures are that engine's; the one-graph round's own measurements
+are the ones printed above, and `BENCHMARKS.md` compares the two.
 """),
 code(r"""
 def sweep_results(root=BENCH):

@@ -26,7 +26,7 @@ Symbols (all times in seconds, per round of the whole batch):
        T_round = T_handshake + T_core + (1 - P_round) T_backup + T_overhead
        tokens  = E(a, K) per row on a hit and on a jit miss; h E + (1 - h) E_fast with the fast backup
        tokens/s = B tokens / T_round
-  When the draft side fits inside the verify this is the brief's h max(T_verify, T_glue + K T_tree) +
+  When the draft side fits inside the verify this reduces to h max(T_verify, T_glue + K T_tree) +
   (1 - h)(T_verify + T_backup) + T_handshake (at B = 1, P_round = h); when it does not, a miss also waits
   for the draft side (the glue pass and tree decode still run during that round's verify).
 

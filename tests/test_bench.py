@@ -160,7 +160,7 @@ def test_ssd_formula():
     assert r["hidden"] and r["draft_side"] == pytest.approx(0.005)
     assert r["time"] == pytest.approx(0.0105)
     assert r["tokens_per_s"] == pytest.approx(1.75 / 0.0105)
-    # the brief's form when the draft side is hidden: h max(V, D) + (1 - h)(V + B) + handshake
+    # the closed form when the draft side is hidden: h max(V, D) + (1 - h)(V + B) + handshake
     assert r["time"] == pytest.approx(0.8 * 0.010 + 0.2 * (0.010 + 0.002) + 0.0001)
     # one device, no overlap: 0.1 + (10 + 5) + 0.4 = 15.5 ms
     assert sm.ssd_tokens_per_s(**kw, overlap=False) == pytest.approx(1.75 / 0.0155)

@@ -227,6 +227,33 @@ def test_help_lists_every_flag(capsys, backend):
                  "--top-k", "--max-new-tokens", "--stop", "--seed", "--target", "--draft", "--device", "--gpus",
                  "--dtype", "--profile", "--no-cuda-graphs"):
         assert flag in out
+    # the server's flags are its own: ssd_fast.py --help says where they are
+    assert (("ssd_fast.py --serve runs the OpenAI-compatible HTTP server" in out and
+             "ssd_fast.py --serve --help lists its own flags" in out) == (backend == "fast")), out
+
+
+def test_serve_help_lists_the_servers_flags():
+    proc = subprocess.run([sys.executable, str(ROOT / "ssd_fast.py"), "--serve", "--help"], capture_output=True,
+                          cwd=ROOT, env=ENV, timeout=120)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0 and out.startswith("usage: ssd_fast.py --serve"), proc.stderr.decode()
+    for flag in ("--host", "--port", "--max-batch", "--served-model-name", "--mode", "--target"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_stdout_carries_the_text_and_the_summary_only(tiny_dirs, capsys, backend):
+    """What --help's "output:" says: with the chat template, one prompt's stdout is its text and the summary line
+    (no prompt: the text answers it); with --json, one JSON object and nothing else."""
+    args = ["--prompt", "Hello there", *pair(tiny_dirs, "target"), "--mode", "sd", "--k", "2", "--max-new-tokens",
+            "5", "--chat"]
+    expected = run_json(capsys, *args, backend=backend)["text"][0]
+    rc, out, err = run_cli(capsys, *args, backend=backend)
+    assert rc == 0, err
+    assert out.startswith(expected + "\n[") and out.count("\n") == 2 and out.endswith("]\n")
+    assert "Hello there" not in out and "mode" not in out.split("\n")[0]
+    rc, out, _ = run_cli(capsys, *args, "--json", backend=backend)
+    assert rc == 0 and out.count("\n") == 1 and json.loads(out)["text"] == [expected]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,6 +498,39 @@ def test_bad_input_is_one_clear_line(tiny_dirs, capsys, args, message, backend):
     assert lines[-1].startswith("error: ") and message in lines[-1] and sum(x.startswith("error") for x in lines) == 1
 
 
+BROKEN_FILES = [   # (file, its content: text, bytes made from the good file's path, or None: no such file)
+    ("config.json", "{not json", "is not valid JSON (Expecting property name enclosed in double quotes at line 1"),
+    ("config.json", lambda good: b"\xff\xfe{", "is not UTF-8 text"),
+    ("config.json", "[1, 2]", "holds a JSON list, not an object of settings"),
+    ("config.json", '{"model_type": "llama"}', "has no '"),
+    ("generation_config.json", "{not json", "is not valid JSON"),
+    ("tokenizer.json", "{not json", "is not valid JSON"),
+    ("tokenizer_config.json", "", "is not valid JSON"),
+    ("model.safetensors", lambda good: good.read_bytes()[:4000], "is not a readable safetensors file"),
+    ("model.safetensors", lambda good: b"\x08\0\0\0\0\0\0\0{oops:1}", "is not a readable safetensors file"),
+    ("model.safetensors", None, "has no *.safetensors weights"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("name,content,message", BROKEN_FILES,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BROKEN_FILES)])
+def test_a_broken_checkpoint_file_is_named(tiny_dirs, capsys, tmp_path, name, content, message, backend):
+    """Every error about a checkpoint's file names the file (or, for one that is missing, the directory)."""
+    good = Path(tiny_dirs["target"])
+    d = _link_checkpoint(good, tmp_path / "broken", skip=(name,))
+    if isinstance(content, str):
+        (d / name).write_text(content)
+    elif content is not None:
+        (d / name).write_bytes(content(good / name))
+    rc, out, err = run_cli(capsys, "--prompt", "hi", "--target", d, "--mode", "ar", "--max-new-tokens", "2",
+                           "--no-chat", backend=backend)
+    lines = err.strip().splitlines()
+    assert rc == 2 and out == "" and "Traceback" not in err, err
+    named = str(d) if content is None else str(d / name)
+    assert lines[-1].startswith(f"error: {named}") and message in lines[-1], lines[-1]
+
+
 @NO_CUDA
 @pytest.mark.parametrize("backend", ["reference", "fast"])
 @pytest.mark.parametrize("args,message", [
@@ -675,10 +735,9 @@ def test_memory_check_refuses_what_does_not_fit(monkeypatch):
 def test_mode_auto_rule():
     """--mode auto (ssd_fast.choose_mode): SSD for one row on a GPU whose SSD round is one CUDA graph, with the K
     whose draft side hides under the verify; else SD where the models' sizes predict it faster than AR by the
-    margin, else AR. The cases measured (BENCHMARKS.md): the embedded pair on a 2-core CPU, one thread, 4 prompts
-    (AR 13.5 / 12.0 / 14.4 / 14.1 tok/s, SD 8.8 / 7.4 / 15.2 / 16.0) and on an H200 (SSD K=2 1575 vs AR 1136, SD
-    1218), the 7B pair on an H200 (SSD K=4 439 vs SD 410, AR 239), and at batch 4 and 16 (SSD at most SD's speed:
-    SD)."""
+    margin, else AR. The cases measured (BENCHMARKS.md, benchmarks/ssd_round/): the embedded pair on a 2-core CPU,
+    one thread (AR 12.9 tok/s, SD 11.3) and on an H200 (SSD K=2 1575 vs AR 1136, SD 1218), the 7B pair on an H200
+    (SSD K=4 439 vs SD 410, AR 239), and at batch 4 and 16 (SSD at most SD's speed: SD)."""
     import dataclasses as dc
     import ssd_fast
     from embedded import SHIPPED_DRAFT_DIR as DRAFT_DIR
@@ -704,3 +763,17 @@ def test_mode_auto_without_a_draft_runs_ar(tiny_dirs, capsys):
     data = run_json(capsys, "--prompt", "hi", "--target", tiny_dirs["target"], "--max-new-tokens", "3", "--no-chat",
                     backend="fast")
     assert data["settings"]["mode"] == "ar" and len(data["token_ids"][0]) == 3
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_mode_auto_with_an_unusable_draft_says_why_it_runs_ar(tiny_dirs, capsys, backend):
+    """A draft of another vocabulary cannot speculate for this target: --mode sd and ssd stop with the reason
+    (test_bad_input_is_one_clear_line), --mode auto runs AR and says the same reason on stderr."""
+    rc, out, err = run_cli(capsys, "--prompt", "hi", "--target", tiny_dirs["target"], "--draft", tiny_dirs["other"],
+                           "--mode", "auto", "--max-new-tokens", "3", "--no-chat", "--json", backend=backend)
+    assert rc == 0, err
+    data = json.loads(out)
+    assert data["settings"]["mode"] == "ar" and data["devices"]["draft"] is None
+    said = [line for line in err.splitlines() if line.startswith("mode: ar")]
+    assert len(said) == 1 and "the draft cannot be used" in said[0], err
+    assert "the draft's vocabulary (97 tokens) differs from the target's (49152)" in said[0]
