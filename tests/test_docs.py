@@ -22,7 +22,7 @@ ANYWHERE = re.compile(r"(?<![\w.~-])/(?:root|home/[\w.-]+|Users/[\w.-]+|work|opt
 IN_RESULTS = re.compile(r"(?<![\w.~-])/tmp/")
 RESULTS_AND_DOCS = ("benchmarks/", "models/", "data/")
 COMMISSIONING = re.compile(r"\bthe\s+brief\b|\bbrief's\b|\basked\s+for\s+here\b|\bthe\s+(?:issue|task)\s+asks\b|"
-                           r"\bas\s+requested\b", re.I)
+                           r"\bas\s+requested\b|\bthe\s+(?:issue|task)'s\b|\b(?:benchmark|multi-GPU)\s+issue\b", re.I)
 PROSE_DATA = ("data/prompts/",)          # the benchmark's prompts: third-party text, not ours
 SELF = "tests/test_docs.py"              # its examples below are what the scan must find
 
