@@ -60,7 +60,7 @@ class SSDRound:
         self.m1, self.r = torch.zeros(Bb, **long), torch.zeros(Bb, 1, **long)
         # the fan-out as data: branch i answers outcome slot_j[i] (-1: unused) with its slot_rank[i]-th candidate
         self.slot_j, self.slot_rank = torch.full((branches,), -1, **long), torch.zeros(branches, **long)
-        self.fan_depth = torch.zeros(k + 1, **long)   # Saguaro's F per outcome, when C < 1 and F adapts
+        self.fan_depth = torch.zeros(k + 1, **long)   # F per outcome (Saguaro reads it when C < 1 and F adapts)
         self.packed = torch.zeros(Bb, k + 3, **long)    # [n, the K + 1 new tokens, hit] per row
         self.spec_q = self.prop_q = self.jit_q = None
         self.draft_greedy = False   # every row's draft temperature is 0 and no q rows: the draft takes its argmax
@@ -79,9 +79,10 @@ class SSDRound:
         self.send_q, self.draft_greedy = True, False
 
     def reset(self):
-        """A new generation: no speculation matches."""
+        """A new generation: no speculation matches, and the fan-out tables are rewritten at its first round."""
         self.spec_j.fill_(-1)
         self.hit.fill_(False)
+        self.fan = None
 
     def state(self):
         """The tensors a round writes that a later round reads (saved and restored around a capture's warm-up;
@@ -93,10 +94,13 @@ class SSDRound:
 
     # --- the fan-out as device data ------------------------------------------------------------------
 
-    def set_fan(self, fan, dynamic_saguaro: bool):
-        """Point the slot tables at `fan` (F_j <= f_cap per outcome j; their sum fills at most N branches). A table
-        is made once per distinct fan-out, in pinned host memory, and copied in on the round's stream: no host
-        synchronization, and the round in flight reads the old table before the copy lands."""
+    def set_fan(self, fan):
+        """Point the slot tables and Saguaro's F per outcome (`fan_depth`) at `fan` (F_j <= f_cap per outcome j; their
+        sum fills at most N branches). A table is made once per distinct fan-out, in pinned host memory, and copied in
+        on the round's stream: no host synchronization, and the round in flight reads the old table before the copy
+        lands. All three are written together, whether or not this call's Saguaro reads fan_depth, so the device state
+        is a function of `self.fan` alone; `reset` forgets it, so a generation's first fan-out is always written, and a
+        reused engine runs every call as a fresh one would."""
         fan = tuple(fan)
         if fan == self.fan:
             return
@@ -110,8 +114,7 @@ class SSDRound:
         j, rank, depth, _ = self._fan_tables[fan]
         self.slot_j.copy_(j, non_blocking=True)
         self.slot_rank.copy_(rank, non_blocking=True)
-        if dynamic_saguaro:
-            self.fan_depth.copy_(depth, non_blocking=True)
+        self.fan_depth.copy_(depth, non_blocking=True)
         self.fan = fan
 
     def saguaro_f(self, d, req, fan):
@@ -282,7 +285,7 @@ class SSDRound:
 
     def prepare(self, backup, fan, concurrent):
         """The round's graph for `backup`, captured now (before the first round is timed) unless it exists."""
-        self.set_fan(fan, self.eng.req.fan is None and self.eng.req.c < 1.0)
+        self.set_fan(fan)
         key = self.graph_key(backup, fan, concurrent)
         if key not in self.graphs:
             self.graphs[key] = self.capture(lambda: self.round(backup, fan, concurrent))
@@ -291,7 +294,7 @@ class SSDRound:
     def launch(self, stats, backup: str, fan, concurrent: bool, graphs: bool):
         """Run (or replay) one round; returns the packed device tensor [Bb, K + 3] the host reads."""
         if not graphs:
-            self.set_fan(fan, self.eng.req.fan is None and self.eng.req.c < 1.0)
+            self.set_fan(fan)
             self._parts(stats, backup, fan)
             return self.packed
         self.prepare(backup, fan, concurrent).replay()

@@ -75,3 +75,33 @@ def tiny_pair(tmp_path_factory):
     make_checkpoint(root / "target", seed=1)
     make_checkpoint(root / "draft", seed=2, num_hidden_layers=1, hidden_size=32, intermediate_size=48)
     return ssd.load_model(root / "target"), ssd.load_model(root / "draft")
+
+
+# Bigram models: a tiny transformer whose attention output projection is zero, so the next-token distribution
+# depends on the last token alone and the target's exact next-token table is known (test_power.py).
+BIGRAM = dict(vocab_size=8, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=2048, logit_scale=6.0)
+BIGRAM_DRAFT_NOISE = 1.0
+
+
+def bigram_model(path: Path, seed: int):
+    import ssd
+    make_checkpoint(path, seed=seed, **BIGRAM)
+    model = ssd.load_model(path)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()   # no attention: the next token depends on this one alone
+    return model
+
+
+@pytest.fixture(scope="session")
+def bigram_pair(tmp_path_factory):
+    """A bigram target and a draft close to it (the target's weights, perturbed), as a distilled draft is: then a
+    rule that verifies with the wrong q emits nearly the q it really sampled from, far from the target."""
+    root = tmp_path_factory.mktemp("bigram")
+    target, draft = bigram_model(root / "t", 21), bigram_model(root / "t", 21)
+    g = torch.Generator().manual_seed(22)
+    with torch.no_grad():
+        for w in draft.parameters():
+            w.add_(BIGRAM_DRAFT_NOISE * w.std() * torch.randn(w.shape, generator=g))
+    return target, draft
