@@ -136,8 +136,9 @@ def run(control: Control, timeout: float) -> tuple:
             elif r.returncode == 1 and p is not None:
                 verdicts.append("caught" if p < P_FAIL else "weak")
             else:
-                tail = (r.stdout + r.stderr).strip().splitlines()
-                verdicts.append("error: " + (tail[-1] if tail else f"pytest exit {r.returncode}"))
+                lines = (r.stdout + r.stderr).strip().splitlines()
+                raised = [line[1:].strip() for line in lines if line.startswith("E ")]
+                verdicts.append("error: " + (raised or lines or [f"pytest exit {r.returncode}"])[-1][:120])
     order = ["does not apply", "timed out", "missed", "weak"]
     worst = next((v for o in order for v in verdicts if v.startswith(o)), None) or \
         next((v for v in verdicts if v.startswith("error")), "caught")

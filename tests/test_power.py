@@ -38,17 +38,18 @@ transitions per case; at 25,600 it is 0.43); and a context visited less than its
 down to 0.05 under T 0.7 with top-k 5) gets proportionally less.
 
 Cases: every sampling path, with the settings the command line passes (automatic fan-out and backup, C < 1 with
---saguaro-c; one case, batch 1, is the command line's exactly). The SSD cases are a pairwise covering of implementation (the reference; the fast
-engine's one-device SSD round, pipelined or not; the engine's worker path, the draft side on its own thread as with
-the draft on its own GPU or a tensor-parallel target) x filter (none, top-p 0.9, top-k 5, both) x backup (jit,
-fast, auto) x fan-out (automatic, fixed) x Saguaro's C (0.5, 1) x T (0.7, 1) x draft temperature (T or not) x batch
-(512 ragged rows, or batch 1): every value of each factor meets every value of every other factor in some case
-(`test_the_cases_cover_every_pair`). SD covers implementation x filter, with T and the draft's temperature pairwise;
-AR its four filters; batch-1 SD is the streams test. The batch-aware backup rule picks the fast backup for these
-equal-sized models at any batch size, so the automatic cases run a rule that switches between the two backups every
-few rounds, as the real rule does on real pairs: a run takes both. Their automatic fan-out splits a budget of
-2(K + 1), not the default 4(K + 1) (SMALL_BUDGET says why). On a GPU the same cases run through the one-graph
-round (concurrent or not, pipelined or not) and the worker path (marked gpu).
+--saguaro-c; one batch-1 case has exactly the settings of --temperature 1 --saguaro-c 0.5). The SSD cases are a
+pairwise covering of implementation (the reference; the fast engine's one-device SSD round, pipelined or not; the
+engine's worker path, the draft side on its own thread as with the draft on its own GPU or a tensor-parallel target)
+x filter (none, top-p 0.9, top-k 5, both) x backup (jit, fast, auto) x fan-out (automatic, fixed) x Saguaro's C
+(0.5, 1) x T (0.7, 1) x draft temperature (T or not) x batch (512 ragged rows, or batch 1): every value of each
+factor meets every value of every other factor in some case (`test_the_cases_cover_every_pair`). SD covers
+implementation x filter, with T and the draft's temperature pairwise; AR its four filters; batch-1 SD is the streams
+test. The batch-aware backup rule picks the fast backup for these equal-sized models at any batch size, so the
+automatic cases run a rule that switches between the two backups every few rounds, as the real rule does on real
+pairs: a run takes both. The automatic fan-out of the other cases splits a budget of 2(K + 1), not the default 4(K +
+1) (SMALL_BUDGET says why). On a GPU the same cases run through the one-graph round (concurrent or not, pipelined or
+not) and the worker path (marked gpu).
 
 Negative controls: mistakes that have been made in real SD/SSD code, each of which must fail the test that the
 real code passes (p < P_FAIL). scripts/negative_controls.py applies each one as a patch to the source in a scratch
@@ -180,6 +181,7 @@ def power(n, P, tv=TV, alpha=P_PASS):
 
 
 def check(models, case, prompts, generated, expect_pass=True):
+    """At least MIN_TRANSITIONS transitions and p > P_PASS against the case's table (a negative control: p < P_FAIL)."""
     P = table(models[0], case.T, case.top_k, case.top_p)
     counts = transition_counts(prompts, generated)
     assert counts.sum() >= MIN_TRANSITIONS, f"{case.name}: only {int(counts.sum())} transitions"
@@ -293,10 +295,10 @@ def make_engine(models, impl, device="cpu", max_seq=128, **kw):
 def generate(models, case, device="cpu", seed=3, rows=ROWS, eos=(), engine_kw=None):
     """Run a case: one call of `rows` ragged rows, or CALLS calls of one row. Returns (prompts, tokens, results)."""
     impl = GPU_IMPL[case.impl] if device != "cpu" else case.impl
-    calls = [(PROMPTS[i % len(PROMPTS)] for i in range(rows))] if case.batch == RAGGED else \
-        [[PROMPTS[i % len(PROMPTS)]] for i in range(CALLS)]
-    calls = [list(c) for c in calls]
-    new = NEW if case.batch == RAGGED else CALL_NEW
+    if case.batch == RAGGED:
+        calls, new = [[PROMPTS[i % len(PROMPTS)] for i in range(rows)]], NEW
+    else:
+        calls, new = [[PROMPTS[i % len(PROMPTS)]] for i in range(CALLS)], CALL_NEW
     engine = None if impl == REF else make_engine(models, impl, device, max_seq=new + 32, **(engine_kw or {}))
     prompts, tokens, results = [], [], []
     for i, batch in enumerate(calls):
@@ -497,7 +499,8 @@ MISTAKES = {
     # the cheap backup's deterministic proposal accepted outright (q(x) taken as 0, not one-hot)
     "fast backup accepted with ratio 1": {
         REF: (REF_SAGUARO, [(ssd, "deterministic_q", _zero_q)]),
-        ENG: ("ssd-engine-T1.0-Td0.7-topk5-topp0.9-K4-fast-Fauto-N10-C1.0-ragged", [(ssd, "deterministic_q", _zero_q)])},
+        ENG: ("ssd-engine-T1.0-Td0.7-topk5-topp0.9-K4-fast-Fauto-N10-C1.0-ragged",
+              [(ssd, "deterministic_q", _zero_q)])},
     # the engine's SSD round: a row that missed is verified with the q rows of the cache, not its backup's
     "cached q kept on a miss": {ENG: (ENG_SAGUARO, [(ssd_round.SSDRound, "merge", _cached_q_kept_on_a_miss)])},
     # Saguaro's rescaled q' not divided by its sum (the engine's masked rescale: an automatic fan-out)
@@ -534,7 +537,7 @@ def first_tokens_one_row_at_a_time(backend, models, runs, device="cpu", **kw):
     for seed in range(runs):
         prompt = PROMPTS[seed % len(PROMPTS)]
         args = dict(temperature=1.0, max_new_tokens=STREAM_NEW, eos_token_id=[], seed=seed, **kw)
-        out = ssd.generate(target, [prompt], draft=draft, **args) if engine is None else engine.generate([prompt], **args)
+        out = engine.generate([prompt], **args) if engine else ssd.generate(target, [prompt], draft=draft, **args)
         prompts.append(prompt)
         generated.append(out.tokens[0])
     return prompts, generated

@@ -32,8 +32,12 @@ ORDERS = {"forward": list(range(len(CALLS))), "backward": list(range(len(CALLS))
           "shuffled": [4, 0, 7, 1, 10, 2, 11, 8, 5, 3, 9, 6, 1, 0, 11]}
 
 
-def engine(models, device):
-    return ssd_fast.Engine(*models, device=device, dtype=torch.float32, log=lambda *a: None)
+def engine(models, device, worker=False):
+    eng = ssd_fast.Engine(*models, device=device, dtype=torch.float32, log=lambda *a: None)
+    if worker:   # SSD's draft side on a thread (the path of a draft on its own GPU or a tensor-parallel target)
+        eng.one_device_ssd = False
+        eng.worker = ssd_fast.DraftWorker(eng.draft_device if eng.on_gpu else None)
+    return eng
 
 
 def call(eng, i, seed=5):
@@ -46,10 +50,10 @@ def fresh(bigram_pair):
     """Each call's tokens from an Engine that ran nothing before, per device."""
     memo = {}
 
-    def get(device, i):
-        if (device, i) not in memo:
-            memo[(device, i)] = call(engine(bigram_pair, device), i)
-        return memo[(device, i)]
+    def get(device, worker, i):
+        if (device, worker, i) not in memo:
+            memo[(device, worker, i)] = call(engine(bigram_pair, device, worker), i)
+        return memo[(device, worker, i)]
     return get
 
 
@@ -64,8 +68,9 @@ def test_saguaro_after_c_1_with_the_same_fan_out(bigram_pair, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("worker", [False, True], ids=["round", "worker"])
 @pytest.mark.parametrize("order", list(ORDERS))
-def test_a_reused_engine_gives_a_fresh_engines_tokens(bigram_pair, fresh, device, order):
-    reused = engine(bigram_pair, device)
+def test_a_reused_engine_gives_a_fresh_engines_tokens(bigram_pair, fresh, device, worker, order):
+    reused = engine(bigram_pair, device, worker)
     for n, i in enumerate(ORDERS[order]):
-        assert call(reused, i) == fresh(device, i), f"call {i} after calls {ORDERS[order][:n]}"
+        assert call(reused, i) == fresh(device, worker, i), f"call {i} after calls {ORDERS[order][:n]}"
