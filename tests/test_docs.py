@@ -216,3 +216,24 @@ def test_a_wrong_figure_is_found():
                  "| 1 | 238.6": "| 0 | 238.6"}[wrong]
         _, problems = check_figures(table.replace(right, wrong, 1))
         assert problems, wrong
+
+
+def test_cpu_defaults_figures_match_their_results_file():
+    """The CPU-defaults figures of BENCHMARKS.md and the README, against benchmarks/cpu_defaults/results.json."""
+    r = json.loads((ROOT / "benchmarks/cpu_defaults/results.json").read_text())
+    s = r["serve"]
+    ratios = r["ratios_to_one_shot"]
+    bench, readme = (ROOT / "BENCHMARKS.md").read_text(), (ROOT / "README.md").read_text()
+    rows = {"(one-shot)": r["one_shot"]["tokens_per_s"], "--max-context 4096`": r["one_shot_4096"]["tokens_per_s"],
+            "--interactive`": r["interactive"]["tokens_per_s"], "(`Engine(target, draft)`)": r["api_example"]["tokens_per_s"]}
+    for label, rate in rows.items():
+        line = next(line for line in bench.splitlines() if line.startswith("| ") and label in line)
+        assert f"| {rate:.1f} |" in line, (label, rate, line)
+    for key in ("one_shot_4096", "interactive", "api_example"):
+        assert f"| {ratios[key]:.2f} |" in bench, key
+    said = [f"{r['api_example']['readme_example_s']:.1f} s", f"healthy {s['healthy_after_s']:.1f} s",
+            f"{s['chat_8_tokens_s']:.2f} s", f"{s['four_concurrent_16_tokens_s']:.2f} s", f"{s['rss_mb']:,.0f} MB"]
+    for figure in said:
+        assert figure in bench, figure
+    for figure in (f"{ratios['interactive']:.2f}x", f"{ratios['api_example']:.2f}x", said[2], said[3], said[4]):
+        assert figure in readme, figure
