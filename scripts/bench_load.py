@@ -1,7 +1,7 @@
 """How fast, and in how much host memory, the fast engine loads a real-sized checkpoint (loader.py).
 
     python scripts/bench_load.py --dir /data/rand-8b                 # Llama-3.1-8B-shaped, bf16, on the GPUs
-    python scripts/bench_load.py --dir /tmp/tiny --smoke             # a tiny shape on the CPU (checks the logic)
+    python scripts/bench_load.py --dir OUT/tiny --smoke             # a tiny shape on the CPU (checks the logic)
 
 1. Writes a random checkpoint of Llama-3.1-8B's shape (32 layers, d 4096, 32 heads / 8 KV heads, MLP 14336,
    vocabulary 128256; ~16 GB in bf16) in several shards to --dir, unless one is there already (--rewrite).
