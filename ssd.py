@@ -1105,5 +1105,5 @@ def load_pair(target_dir=None, draft_dir=None, mode="ssd", dtype=torch.float32, 
 
 
 if __name__ == "__main__":   # the command line, shared with ssd_fast.py (cli.py sits on top of this module)
-    import cli
+    from ssd_engine import cli
     sys.exit(cli.run(sys.argv[1:], backend="reference"))

@@ -841,7 +841,7 @@ class Child:
         world = it["tp"]
         if world == 1:
             return None
-        import tp as tensor_parallel
+        from ssd_engine import tp as tensor_parallel
         try:
             tensor_parallel.check_divisible(tp_config(it["pair"], self.args.expand_k), world)
         except ValueError as e:
@@ -953,7 +953,7 @@ class Child:
         return out
 
     def write_trace(self, eng, batch, kw, it) -> str:
-        import cli
+        from ssd_engine import cli
         res = eng.generate(batch, **dict(kw, profile=True))
         name = f"trace_{self.pair.name}_ssd_T{it['temperature']:g}_B{it['batch']}_K{kw['k']}_C{it['c']:g}.json"
         path = Path(self.args.out) / "traces" / name

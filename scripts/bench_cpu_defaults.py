@@ -59,7 +59,7 @@ class ApiExample:
     def __init__(self):
         sys.path.insert(0, str(ROOT))
         import torch
-        import cli as ssd_cli
+        from ssd_engine import cli as ssd_cli
         import ssd
         import ssd_fast
         torch.set_num_threads(ssd_cli.cpu_threads(None, torch))

@@ -134,7 +134,7 @@ def child(args) -> None:
     """One load in this fresh process; prints its record as JSON on the last line of stdout."""
     import torch
 
-    import loader
+    from ssd_engine import loader
     import ssd_fast
     on_gpu = args.device.startswith("cuda")
     if on_gpu:

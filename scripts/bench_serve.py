@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import server  # noqa: E402
+from ssd_engine import server  # noqa: E402
 
 TOPICS = ["the moon", "volcanoes", "honey bees", "the printing press", "jazz", "glaciers", "the immune system",
           "chess openings", "bread baking", "lighthouses", "the Roman roads", "octopuses", "solar panels", "tea",
@@ -161,7 +161,7 @@ def bench(scheduler, cfg, prompt_ids, max_tokens, repeats=3, in_process_clients=
         load = scheduler.load()
     matches = None
     if check_alone:   # greedy through the server = each prompt alone (what `ssd_fast.py --prompt` prints)?
-        import cli
+        from ssd_engine import cli
         eos = set(cfg.eos)
         alone = [cli.visible(cfg.tokenizer, engine.generate([p], **settings).tokens[0], eos, [])[0] for p in prompt_ids]
         matches = sum(a == r["text"] for a, r in zip(alone, rows))

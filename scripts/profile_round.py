@@ -90,7 +90,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
-        import cli
+        from ssd_engine import cli
         torch.set_num_threads(cli.cpu_threads(a.threads, torch))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args = argparse.Namespace(expand_k=a.expand_k, systems=[])

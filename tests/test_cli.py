@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import cli
+from ssd_engine import cli
 import embedded
 import ssd
 from conftest import ROOT, make_checkpoint

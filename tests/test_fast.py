@@ -5,7 +5,7 @@ import torch
 
 import ssd
 import ssd_fast
-import ssd_round
+from ssd_engine import ssd_round
 import test_exactness as te
 from conftest import make_checkpoint
 

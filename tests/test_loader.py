@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import loader
+from ssd_engine import loader
 import ssd
 import ssd_fast
-import tp
+from ssd_engine import tp
 from conftest import ROOT
 
 torch.set_num_threads(1)    # small products: more threads than idle cores only slow them down (see cli.cpu_threads)
@@ -185,7 +185,8 @@ def test_tp2_streamed_over_gloo_equals_tp1(ckpts):
 MEASURE = r"""
 import json, sys, torch
 sys.path.insert(0, {root!r})
-import loader, ssd, ssd_fast
+from ssd_engine import loader
+import ssd, ssd_fast
 from pathlib import Path
 ops = ssd_fast.Ops(use_triton=False)
 torch.zeros(1) @ torch.zeros(1)

@@ -63,7 +63,7 @@ import torch
 import ssd
 import ssd_fast
 import ssd_kernels
-import ssd_round
+from ssd_engine import ssd_round
 
 V = 8
 PROMPTS = [[1, 4, 2], [5], [0, 3, 6, 7, 2, 2], [7, 1]]          # ragged

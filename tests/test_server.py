@@ -25,9 +25,9 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-import cli  # noqa: E402
+from ssd_engine import cli  # noqa: E402
 import embedded  # noqa: E402
-import server  # noqa: E402
+from ssd_engine import server  # noqa: E402
 import ssd  # noqa: E402
 import ssd_fast  # noqa: E402
 from conftest import ROOT  # noqa: E402

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-import cli
+from ssd_engine import cli
 import ssd
 import ssd_fast
-import tp
+from ssd_engine import tp
 from conftest import ROOT, make_checkpoint
 
 PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [1, 2], [70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 12], [33]]

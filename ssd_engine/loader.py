@@ -165,7 +165,7 @@ class Checkpoint:
     def plan(self, rank: int = 0, world: int = 1):
         """(local config, {layer index or "": {engine tensor: Dest}}) for rank `rank` of `world`: the Megatron
         spans of tp.spans (world 1: everything)."""
-        import tp
+        from ssd_engine import tp
         c = self.cfg
         if world > 1:
             tp.check_divisible(c, world)
@@ -240,7 +240,7 @@ class Checkpoint:
         return self._load(rank, world, device, dtype, ops, "torch")
 
     def _load(self, rank, world, device, dtype, ops, linear):
-        import fast_model
+        from ssd_engine import fast_model
         fast_model.FastModel.check_supported(self.cfg)
         device = torch.device(device)
         local, layer_plan, top_plan = self.plan(rank, world)
@@ -412,7 +412,7 @@ def kv_bytes(cfg: ssd.ModelConfig, dtype_bytes: int, tp: int, batch: int, slots:
 
 
 def bucket(batch: int) -> int:
-    import fast_model
+    from ssd_engine import fast_model
     return fast_model.bucket(batch)
 
 

@@ -48,7 +48,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
-import cli
+from ssd_engine import cli
 
 # engine finish reasons -> OpenAI's ("cancelled": the row was stopped for a stop string or a disconnect)
 FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length", "context": "length",

@@ -76,7 +76,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import ssd
-import fast_model
+from ssd_engine import fast_model
 
 # NVLink multicast (NVLS) brings nothing to all-reduces of a few KB, and shared machines may require it off:
 # off unless the environment says otherwise.

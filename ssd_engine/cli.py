@@ -700,7 +700,7 @@ def choose_context(args, backend, prompt_ids, target_cfg, draft_cfg, log) -> int
 
 def check_memory(args, placement, target_cfg, draft_cfg, dtype, batch, context, prompt_tokens, log, torch):
     """The loader's estimate against the GPUs' memory; a UsageError saying what to change when it does not fit."""
-    import loader
+    from ssd_engine import loader
     first = torch.device(placement.target)
     devices = {first.index + r for r in range(placement.tp)}
     if placement.draft:
@@ -723,7 +723,7 @@ def check_memory(args, placement, target_cfg, draft_cfg, dtype, batch, context, 
 def open_checkpoints(target_dir, draft_dir, tok, startup):
     """loader.Checkpoint handles (headers only: no weights read) for the fast engine, and the draft's tokenizer
     checked against the target's (as ssd.load_pair does)."""
-    import loader
+    from ssd_engine import loader
     target = loader.Checkpoint(target_dir, progress=startup.weights, name="target")
     draft = None
     if draft_dir is not None:
