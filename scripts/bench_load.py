@@ -136,11 +136,12 @@ def child(args) -> None:
 
     from ssd_engine import loader
     import ssd_fast
+    from ssd_engine import fast_model
     on_gpu = args.device.startswith("cuda")
     if on_gpu:
         for i in range(args.tp):      # the CUDA contexts exist before the baseline
             torch.empty(1, device=f"cuda:{i}")
-    ops = ssd_fast.Ops(use_triton=on_gpu)
+    ops = fast_model.Ops(use_triton=on_gpu)
     try:   # reset the peak resident size so that it measures the load alone (Linux >= 4.0)
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

@@ -33,13 +33,14 @@ for p in (ROOT, ROOT / "scripts"):
     sys.path.insert(0, str(p))
 import bench  # noqa: E402
 import ssd_fast  # noqa: E402
+from ssd_engine import fast_model  # noqa: E402
 
 SYSTEMS = ("ar", "sd", "ssd", "ssd_seq")
 
 
 def bare_verify(engine, k: int, batch: int) -> float:
     """Seconds of the target's forward over K + 1 positions (a CUDA graph replay where graphs run)."""
-    Bb = ssd_fast.bucket(batch)
+    Bb = fast_model.bucket(batch)
     tc = engine._cache(engine.target, "target", Bb)
     pos = (tc.slots - k - 2 + torch.arange(k + 1, device=engine.device))[None].expand(Bb, -1).contiguous()
     tok = torch.zeros_like(pos)
@@ -99,8 +100,8 @@ def main(argv=None):
     ids = [pair.tokenize(p["prompt"]) for p in pool]
     prompts = [ids[i:i + a.batch] for i in range(0, len(ids), a.batch)][:a.prompts]
     max_seq = max(len(x) for x in ids) + a.new_tokens + 64
-    target = ssd_fast.FastModel.of(pair.target, device, dtype, ssd_fast.Ops(device.type == "cuda"), "auto")
-    draft = ssd_fast.FastModel.of(pair.draft, device, dtype, target.ops, "auto")
+    target = fast_model.FastModel.of(pair.target, device, dtype, fast_model.Ops(device.type == "cuda"), "auto")
+    draft = fast_model.FastModel.of(pair.draft, device, dtype, target.ops, "auto")
     quiet = dict(device=device, dtype=dtype, max_seq=max_seq, log=lambda *m: None)
     engines = {"seq": ssd_fast.Engine(target, draft, concurrent=False, **quiet),
                "con": ssd_fast.Engine(target, draft, concurrent=True, **quiet)}

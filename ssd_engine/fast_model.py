@@ -1,12 +1,10 @@
 """The fast engine's model layer: a checkpoint re-laid for speed (fused QKV and gate-up matrices, bf16 on the
-GPU), the Triton kernels or their PyTorch references (Ops), preallocated KV caches with the branch buffers of
-SSD's speculation tree, and model steps captured as CUDA graphs (Graphed, Runner). ssd_fast.py builds the
-engine on it; tp.py splits it over processes."""
+GPU), the Triton kernels or their PyTorch references (Ops), and preallocated KV caches with the branch buffers of
+SSD's speculation tree. graphs.py captures its steps; tp.py splits it over processes."""
 from __future__ import annotations
 
 import contextlib
 import math
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -240,74 +238,6 @@ def _in_use(cache, layer, live):
     if live is None:
         return cache.k[layer], cache.v[layer]
     return cache.k[layer][:, :live], cache.v[layer][:, :live]
-
-
-class Graphed:
-    """A model step as a CUDA graph for fixed shapes: inputs are copied into static buffers and the
-    graph is replayed. Capture happens at first use with the real inputs: the warm-up run writes the
-    same KV values the replay writes again, so capturing never disturbs the caches.
-
-    Two things matter once the draft works on another thread or GPU. The capture stream is made on the
-    model's own device (torch.cuda.graph's default capture stream is created once, on whichever device
-    captured first). And no capture overlaps another thread's capture or replay: while a capture is
-    open, the device's random generator is in capture mode, and a random draw from another thread (a
-    replayed sampling step) would break it; `lock` serializes them (captures happen in the first
-    rounds only; a replay holds the lock for the microseconds of its launch)."""
-    lock = threading.RLock()
-
-    def __init__(self, fn, inputs: dict, pool, generators=()):   # (run under on_device(the model's device))
-        with Graphed.lock:
-            self.static = {k: v.clone() for k, v in inputs.items()}
-            # The random draws of a replay come from `generators` (registered with the graph, so each replay
-            # advances them). The warm-up runs draw too: their draws are undone, so that a step draws the
-            # same numbers whether its graph was captured in this call or long before (same seed, same output).
-            states = [g.get_state() for g in generators]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    fn(**self.static)
-            torch.cuda.current_stream().wait_stream(stream)
-            for g, state in zip(generators, states):
-                g.set_state(state)
-            self.graph = torch.cuda.CUDAGraph()
-            for g in generators:
-                self.graph.register_generator_state(g)
-            with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                self.out = fn(**self.static)
-
-    def __call__(self, **inputs):
-        with Graphed.lock:
-            for k, v in inputs.items():
-                self.static[k].copy_(v)
-            self.graph.replay()
-        return self.out
-
-
-class Runner:
-    """Runs FastModel steps, through CUDA graphs keyed by (name, shape) when enabled."""
-
-    def __init__(self, model: FastModel, use_graphs: bool):
-        self.model, self.use_graphs, self.graphs = model, use_graphs, {}
-        self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
-        self.generators = ()    # the random generators this device's steps draw from (set by the Engine)
-
-    def step(self, cache, tokens, positions):
-        fn = lambda tokens, positions: self.model.forward(tokens, positions, cache)  # noqa: E731
-        return self._run(("step", id(cache), tuple(tokens.shape)), fn, tokens=tokens, positions=positions)
-
-    def run(self, key, fn, **inputs):
-        """fn(**inputs) as a CUDA graph keyed by `key` (which must name every constant fn closes over).
-        The outputs are static buffers, overwritten by the next replay of the same graph."""
-        return self._run(key, fn, **inputs)
-
-    def _run(self, key, fn, **inputs):
-        with on_device(self.model.device):
-            if not self.use_graphs:
-                return fn(**inputs)
-            if key not in self.graphs:
-                self.graphs[key] = Graphed(fn, inputs, self.pool, self.generators)
-            return self.graphs[key](**inputs)
 
 
 class _RowCache:

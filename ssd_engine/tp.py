@@ -44,7 +44,7 @@ batching's admit). The token ids and positions themselves are broadcast from ran
 so in a CUDA graph the broadcast is captured too: a replay needs the header only, and rank 0 never waits
 for the workers on the host (a header is a pipe write). Rank 0's graphs hold the verify / sampling around
 the forward as well; the workers' graphs hold the forward alone: the collectives, which must match one
-for one, are the same and in the same order. A graph is captured by fast_model.Graphed on both sides, so
+for one, are the same and in the same order. A graph is captured by graphs.Graphed on both sides, so
 the warm-up runs and the capture line up. Nothing can wait in a circle: rank 0 sends every header before it
 launches the collectives the header announces, and a worker's host waits for nothing but rank 0's headers,
 so when a host does wait on the GPUs (rank 0 once a round; any rank when a capture begins, for its eager
@@ -76,7 +76,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import ssd
-from ssd_engine import fast_model
+from ssd_engine import fast_model, graphs
 
 # NVLink multicast (NVLS) brings nothing to all-reduces of a few KB, and shared machines may require it off:
 # off unless the environment says otherwise.
@@ -391,8 +391,8 @@ class TPTarget(TPShard):
         with fast_model.on_device(self.device):      # Triton launches and streams use the current device
             return self._forward(cache, shape, tokens, positions)
 
-    def capture(self, fn, inputs: dict, pool, generators=()) -> fast_model.Graphed:
-        """fast_model.Graphed(fn, inputs, pool, generators) with the workers capturing the same forward alongside."""
+    def capture(self, fn, inputs: dict, pool, generators=(), state=()) -> graphs.Graphed:
+        """graphs.Graphed(fn, inputs, pool, generators, state) with the workers capturing the same forward alongside."""
         capture = _Capture(self._graph_count)
         self._graph_count += 1
 
@@ -401,7 +401,7 @@ class TPTarget(TPShard):
             return fn(**kw)
         self._capture = capture
         try:
-            graph = fast_model.Graphed(counted, inputs, pool, generators)
+            graph = graphs.Graphed(counted, inputs, pool, generators, state)
         finally:
             self._capture = None
         if capture.forwards not in (0, capture.calls):
@@ -410,7 +410,7 @@ class TPTarget(TPShard):
         graph.tp_graph_id = capture.graph_id if capture.forwards else None   # no forward: nothing to mirror
         return graph
 
-    def replay(self, graph: fast_model.Graphed, inputs: dict):
+    def replay(self, graph: graphs.Graphed, inputs: dict):
         if graph.tp_graph_id is not None:
             self._send(("replay", graph.tp_graph_id))
         return graph(**inputs)
@@ -542,20 +542,19 @@ class TPTarget(TPShard):
         shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
 
-class TPRunner(fast_model.Runner):
-    """Rank 0's Runner: a captured target step is captured on the workers too, a replay replayed there."""
+class TPRunner(graphs.Runner):
+    """Rank 0's Runner: a captured target step is captured on the workers too, a replay replayed there (an eager
+    forward sends its own header)."""
 
     def __init__(self, model: TPTarget, use_graphs: bool):
         super().__init__(model, use_graphs)
         model._runners.add(self)
 
-    def _run(self, key, fn, **inputs):
-        with fast_model.on_device(self.model.device):
-            if not self.use_graphs:
-                return fn(**inputs)       # eager: every forward sends its own header
-            if key not in self.graphs:
-                self.graphs[key] = self.model.capture(fn, inputs, self.pool, self.generators)
-            return self.model.replay(self.graphs[key], inputs)
+    def _capture(self, fn, inputs, state):
+        return self.model.capture(fn, inputs, self.pool, self.generators, state)
+
+    def _replay(self, graph, inputs):
+        return self.model.replay(graph, inputs)
 
 
 def choose_draft_device(device, world, log):
@@ -612,10 +611,10 @@ def _worker_main(rank, world, init, backend, timeout, loader, where, dtype, use_
                 torch.cuda.empty_cache()
             reports.send(("ready",))
             _check_link(device, world)
-            graphs = _serve(shard, commands, use_graphs)
+            captured = _serve(shard, commands, use_graphs)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            graphs.clear()
+            captured.clear()
             gc.collect()
             _destroy_group()
             code = 0
@@ -632,7 +631,7 @@ def _worker_main(rank, world, init, backend, timeout, loader, where, dtype, use_
 
 def _serve(shard: TPShard, commands, use_graphs) -> dict:
     """The mirror loop: the same caches, forwards and graphs as rank 0, in the same order."""
-    caches, graphs = {}, {}
+    caches, captured = {}, {}
     pool = torch.cuda.graph_pool_handle() if use_graphs else None
 
     def cache_of(ref):
@@ -649,11 +648,11 @@ def _serve(shard: TPShard, commands, use_graphs) -> dict:
         elif op == "capture":
             graph_id, ref, shape = args
             cache = cache_of(ref)
-            graphs[graph_id] = fast_model.Graphed(lambda: shard._forward(cache, shape), {}, pool)
+            captured[graph_id] = graphs.Graphed(lambda: shard._forward(cache, shape), {}, pool)
         elif op == "replay":
-            graphs[args[0]]()
+            captured[args[0]]()
         elif op == "stop":
-            return graphs
+            return captured
         else:
             raise ValueError(f"unknown tensor-parallel command {op!r}")
 

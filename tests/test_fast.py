@@ -1,10 +1,13 @@
 """ssd_fast.py computes what ssd.py computes: greedy tokens, the output distribution, on CPU (the
 PyTorch fallback) and, marked `gpu`, in bf16 with Triton kernels and CUDA graphs on and off."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import ssd
 import ssd_fast
+from ssd_engine import fast_model, rounds
 from ssd_engine import ssd_round
 import test_exactness as te
 from conftest import make_checkpoint
@@ -71,12 +74,10 @@ def test_fast_distribution(small, path):
     assert te.chi_square_p_value(samples, te.exact_joint(target, prompt, te.N_TOKENS, te.WINDOW)) > 1e-3
 
 
-def test_device_ngram_equals_reference(pair, cpu_engine):
+def test_device_ngram_equals_reference():
     hist = [4, 9, 4, 7, 1, 4]
-    st = ssd_fast.Batch(hist=torch.tensor([hist + [0] * 4]), lens=torch.tensor([len(hist)]), active=torch.tensor([True]),
-                        tokens=[hist], prompt_lens=[1], done=[False], finish=[None], last_n=torch.tensor([0]))
-    req = ssd.make_request(pair[0], [1], pair[1], mode="ssd", k=3)
-    assert cpu_engine._ngram_proposal(st, req)[0].tolist() == ssd.ngram_proposal(hist, 3)
+    st = SimpleNamespace(hist=torch.tensor([hist + [0] * 4]))
+    assert rounds.ngram_proposal(st, torch.tensor([len(hist) - 1]), 3)[0].tolist() == ssd.ngram_proposal(hist, 3)
 
 
 def test_fast_skinny_linear_equals_torch(pair):
@@ -86,9 +87,9 @@ def test_fast_skinny_linear_equals_torch(pair):
     if not ssd_kernels.INTERPRET:
         pytest.skip("needs the Triton interpreter on the CPU")
     target = pair[0]
-    torch_model = ssd_fast.FastModel(target, "cpu", torch.float32, ssd_fast.Ops(use_triton=True), linear="torch")
-    skinny = ssd_fast.FastModel(target, "cpu", torch.float32, ssd_fast.Ops(use_triton=True), linear="triton")
-    assert torch_model.linear == {} and set(skinny.linear) == set(ssd_fast.FastModel.PROJECTIONS)
+    torch_model = fast_model.FastModel(target, "cpu", torch.float32, fast_model.Ops(use_triton=True), linear="torch")
+    skinny = fast_model.FastModel(target, "cpu", torch.float32, fast_model.Ops(use_triton=True), linear="triton")
+    assert torch_model.linear == {} and set(skinny.linear) == set(fast_model.FastModel.PROJECTIONS)
     g = torch.Generator().manual_seed(0)
     for B, T in ((1, 1), (2, 1), (3, 5), (1, 20)):
         tokens = torch.randint(0, target.cfg.vocab_size, (B, T), generator=g)
@@ -97,7 +98,7 @@ def test_fast_skinny_linear_equals_torch(pair):
         b = skinny.forward(tokens, positions, skinny.new_cache(B, 32))
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="linear must be"):
-        ssd_fast.FastModel(target, "cpu", torch.float32, ssd_fast.Ops(use_triton=False), linear="cublas")
+        fast_model.FastModel(target, "cpu", torch.float32, fast_model.Ops(use_triton=False), linear="cublas")
 
 
 # --- on a GPU -----------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def test_gpu_skinny_linear_equals_torch(pair):
             assert skinny.generate(prompts, max_new_tokens=20, eos_token_id=[], **kw).tokens == \
                 cublas.generate(prompts, max_new_tokens=20, eos_token_id=[], **kw).tokens, (len(prompts), kw)
     auto = ssd_fast.Engine(*pair, device="cuda", linear="auto")
-    assert set(auto.target.linear_times) == set(ssd_fast.FastModel.PROJECTIONS)
+    assert set(auto.target.linear_times) == set(fast_model.FastModel.PROJECTIONS)
 
 
 @pytest.mark.gpu
@@ -237,7 +238,7 @@ def test_draft_failure_finishes_with_the_target(pair, monkeypatch, concurrent, w
     messages = []
     engine = ssd_fast.Engine(*pair, device="cpu", concurrent=concurrent, log=messages.append)
     calls = {"n": 0}
-    name = "tree" if where == "tree" else "jit_backup"
+    name = "tree" if where == "tree" else "jit_into_buffers"
     original = getattr(ssd_round.SSDRound, name)
 
     def flaky(*args, **kw):

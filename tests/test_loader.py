@@ -13,11 +13,12 @@ from safetensors.torch import save_file
 from ssd_engine import loader
 import ssd
 import ssd_fast
+from ssd_engine import fast_model
 from ssd_engine import tp
 from conftest import ROOT
 
 torch.set_num_threads(1)    # small products: more threads than idle cores only slow them down (see cli.cpu_threads)
-OPS = ssd_fast.Ops(use_triton=False)
+OPS = fast_model.Ops(use_triton=False)
 QUIET = dict(log=lambda *a: None, linear="torch", device="cpu")
 PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [1, 2, 3]]
 
@@ -74,7 +75,7 @@ def ckpts(tmp_path_factory):
     return {"target": target, "draft": draft, "shared": shared}
 
 
-def fast_tensors(m: ssd_fast.FastModel):
+def fast_tensors(m: fast_model.FastModel):
     out = {"embed": m.embed, "lm_head": m.lm_head, "norm": m.norm}
     for i, L in enumerate(m.layers):
         out.update({f"{i}.{k}": v for k, v in L.items()})
@@ -92,7 +93,7 @@ def assert_same_weights(got, want):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_streamed_weights_and_logits_equal_the_reference(ckpts, dtype):
-    ref = ssd_fast.FastModel(ssd.load_model(ckpts["target"]), "cpu", dtype, OPS)
+    ref = fast_model.FastModel(ssd.load_model(ckpts["target"]), "cpu", dtype, OPS)
     ckpt = loader.Checkpoint(ckpts["target"])
     got = ckpt.fast_model("cpu", dtype, OPS)
     assert_same_weights(got, ref)
@@ -109,7 +110,7 @@ def test_streamed_weights_and_logits_equal_the_reference(ckpts, dtype):
 
 def test_shared_embedding_draft_equals_the_reference(ckpts):
     target = ssd.load_model(ckpts["target"])
-    want = ssd_fast.FastModel(ssd.load_model(ckpts["shared"], shared_embedding=target.model.embed_tokens.weight),
+    want = fast_model.FastModel(ssd.load_model(ckpts["shared"], shared_embedding=target.model.embed_tokens.weight),
                               "cpu", torch.float32, OPS)
     t = loader.Checkpoint(ckpts["target"])
     got = loader.Checkpoint(ckpts["shared"], shared_embedding_from=t).fast_model("cpu", torch.float32, OPS)
@@ -151,7 +152,7 @@ def test_rank_slices_equal_the_sharded_reference(ckpts, world):
     model = ssd.load_model(ckpts["target"])
     ckpt = loader.Checkpoint(ckpts["target"])
     for rank in range(world):
-        want = ssd_fast.FastModel(tp.shard_model(model, rank, world), "cpu", torch.float32, OPS)
+        want = fast_model.FastModel(tp.shard_model(model, rank, world), "cpu", torch.float32, OPS)
         assert_same_weights(ckpt.fast_shard(rank, world, "cpu", torch.float32, OPS), want)
     whole = ckpt.read_bytes()[0]
     assert all(0.45 * whole < ckpt.read_bytes(r, world)[0] < 0.55 * whole for r in range(world))
@@ -185,17 +186,17 @@ def test_tp2_streamed_over_gloo_equals_tp1(ckpts):
 MEASURE = r"""
 import json, sys, torch
 sys.path.insert(0, {root!r})
-from ssd_engine import loader
-import ssd, ssd_fast
+from ssd_engine import fast_model, loader
+import ssd
 from pathlib import Path
-ops = ssd_fast.Ops(use_triton=False)
+ops = fast_model.Ops(use_triton=False)
 torch.zeros(1) @ torch.zeros(1)
 Path("/proc/self/clear_refs").write_text("5")          # the peak from here on
 before = loader.host_memory()[0]
 if sys.argv[1] == "stream":
     m = loader.Checkpoint(sys.argv[2]).fast_model("cpu", torch.bfloat16, ops)
 else:
-    m = ssd_fast.FastModel(ssd.load_model(sys.argv[2]), "cpu", torch.bfloat16, ops)
+    m = fast_model.FastModel(ssd.load_model(sys.argv[2]), "cpu", torch.bfloat16, ops)
 kept = sum(t.numel() * t.element_size() for t in [m.embed, m.norm, *(v for L in m.layers for v in L.values()
            if v is not None)] + ([] if m.lm_head is m.embed else [m.lm_head]))
 print(json.dumps(dict(above=loader.host_memory()[1] - before, kept=kept)))

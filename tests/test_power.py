@@ -62,6 +62,7 @@ import torch
 
 import ssd
 import ssd_fast
+from ssd_engine import sampling
 import ssd_kernels
 from ssd_engine import ssd_round
 
@@ -282,13 +283,11 @@ def switching_backup():
 
 def make_engine(models, impl, device="cpu", max_seq=128, **kw):
     target, draft = models
-    engine = ssd_fast.Engine(target, draft, device=device, dtype=torch.float32, log=lambda *a: None,
-                             max_seq=max_seq, pipeline=impl not in (SYNC, "graph-unpipelined"),
-                             concurrent=False if impl == "graph-serial" else None, **kw)
-    if impl in (WORKER, "graph-worker"):   # the draft side on a thread, as with the draft on its own device
-        engine.one_device_ssd = False
-        engine.worker = ssd_fast.DraftWorker(engine.draft_device if engine.on_gpu else None)
-    return engine
+    # WORKER: SSD's worker layout, the draft side on a thread as with the draft on its own device
+    return ssd_fast.Engine(target, draft, device=device, dtype=torch.float32, log=lambda *a: None,
+                           max_seq=max_seq, pipeline=impl not in (SYNC, "graph-unpipelined"),
+                           concurrent=False if impl == "graph-serial" else None,
+                           draft_worker=impl in (WORKER, "graph-worker"), **kw)
 
 
 def generate(models, case, device="cpu", seed=3, rows=ROWS, eos=(), engine_kw=None):
@@ -402,7 +401,7 @@ def test_a_planted_bias_is_caught(models):
 
 # --- negative controls: realistic mistakes, each must fail ----------------------------------------------
 
-_draft_sample, _engine_draft_sample = ssd.draft_sample, ssd_fast.Engine._draft_sample   # the right ones
+_draft_sample, _engine_draft_sample = ssd.draft_sample, sampling.draft_sample   # the right ones
 _verify_ref, _merge = ssd_kernels.verify_ref, ssd_round.SSDRound.merge
 
 
@@ -411,17 +410,17 @@ def _verified_with_q(logits, t, opts, fan_out, c, gen):
     return _draft_sample(logits, t, opts, fan_out, c, gen)[0], ssd.to_probs(logits, t, opts.top_k, opts.top_p)
 
 
-def _engine_verified_with_q(self, logits, t, req, fan_out, gen):
-    return _engine_draft_sample(self, logits, t, req, fan_out, gen)[0], self._probs(logits, t, req)
+def _engine_verified_with_q(ops, logits, t, req, fan_out, gen, f_cap=None):
+    return _engine_draft_sample(ops, logits, t, req, fan_out, gen, f_cap)[0], sampling.probs(logits, t, req)
 
 
 def _sampled_at_other_temperature(logits, t, opts, fan_out, c, gen):
     return _draft_sample(logits, t * 0.7, opts, fan_out, c, gen)[0], _draft_sample(logits, t, opts, fan_out, c, gen)[1]
 
 
-def _engine_sampled_at_other_temperature(self, logits, t, req, fan_out, gen):
-    return (_engine_draft_sample(self, logits, t * 0.7, req, fan_out, gen)[0],
-            _engine_draft_sample(self, logits, t, req, fan_out, gen)[1])
+def _engine_sampled_at_other_temperature(ops, logits, t, req, fan_out, gen, f_cap=None):
+    return (_engine_draft_sample(ops, logits, t * 0.7, req, fan_out, gen, f_cap)[0],
+            _engine_draft_sample(ops, logits, t, req, fan_out, gen, f_cap)[1])
 
 
 def _resample_from_p(p, q, proposal, u, noise):
@@ -445,7 +444,7 @@ def _q_prime_not_renormalized(q, fan_out, c):
 
 
 def _masked_q_prime_not_renormalized(q, fan_out, c, f_cap):
-    """ssd_fast.saguaro_rescale_masked (the engine's, for an automatic fan-out) without its division."""
+    """sampling.saguaro_rescale_masked (the engine's, for an automatic fan-out) without its division."""
     if c >= 1.0:
         return q
     top = q.topk(min(f_cap + 1, q.shape[-1]), dim=-1).indices
@@ -464,13 +463,13 @@ def _draft_top_p_not_renormalized(logits, t, opts, fan_out, c, gen):
     return ssd.sample(q, gen), q
 
 
-def _engine_draft_top_p_not_renormalized(self, logits, t, req, fan_out, gen):
+def _engine_draft_top_p_not_renormalized(ops, logits, t, req, fan_out, gen, f_cap=None):
     q = _top_p_not_renormalized(logits, t, req.top_k, req.top_p)
     if isinstance(fan_out, torch.Tensor):
-        q = ssd_fast.saguaro_rescale_masked(q, fan_out, req.c, self.ssd_round.f_cap)
+        q = sampling.saguaro_rescale_masked(q, fan_out, req.c, f_cap)
     else:
         q = ssd.saguaro_rescale(q, fan_out, req.c)
-    return self._sample(q, gen), q
+    return sampling.sample(ops, q, gen), q
 
 
 # the cases the controls run: Saguaro on with an automatic fan-out, in the reference and in the engine's SSD round
@@ -481,12 +480,12 @@ _zero_q = lambda s, v: torch.zeros(*s.shape, v, device=s.device)   # noqa: E731
 MISTAKES = {
     # Saguaro: proposals drawn from the rescaled q' but verified with the plain q
     "verify with q, not q'": {REF: (REF_SAGUARO, [(ssd, "draft_sample", _verified_with_q)]),
-                              ENG: (ENG_SAGUARO, [(ssd_fast.Engine, "_draft_sample", _engine_verified_with_q)])},
+                              ENG: (ENG_SAGUARO, [(sampling, "draft_sample", _engine_verified_with_q)])},
     # the draft samples at one temperature, the verifier divides by the q of another
     "wrong draft temperature": {
         REF: ("sd-reference-T1.0-K2-ragged", [(ssd, "draft_sample", _sampled_at_other_temperature)]),
         ENG: ("sd-engine-T0.7-Td1.0-K3-ragged",
-              [(ssd_fast.Engine, "_draft_sample", _engine_sampled_at_other_temperature)])},
+              [(sampling, "draft_sample", _engine_sampled_at_other_temperature)])},
     # a rejection resamples from p
     "rejection resamples p": {REF: ("sd-reference-T1.0-K2-ragged", [(ssd, "residual", lambda p, q: p)]),
                               ENG: ("sd-engine-T0.7-Td1.0-K3-ragged", [(ssd_kernels, "verify_ref", _resample_from_p)])},
@@ -500,12 +499,12 @@ MISTAKES = {
     # Saguaro's rescaled q' not divided by its sum (the engine's masked rescale: an automatic fan-out)
     "Saguaro q' not renormalized": {
         REF: (REF_SAGUARO, [(ssd, "saguaro_rescale", _q_prime_not_renormalized)]),
-        ENG: (ENG_SAGUARO, [(ssd_fast, "saguaro_rescale_masked", _masked_q_prime_not_renormalized)])},
+        ENG: (ENG_SAGUARO, [(sampling, "saguaro_rescale_masked", _masked_q_prime_not_renormalized)])},
     # the draft's top-p distribution not divided by its mass (SD, or SSD at C = 1, where no rescale divides it)
     "draft top-p not renormalized": {
         REF: ("sd-reference-T0.7-Td1.0-topp0.9-K3-ragged", [(ssd, "draft_sample", _draft_top_p_not_renormalized)]),
         ENG: ("sd-engine-T1.0-topp0.9-K3-ragged",
-              [(ssd_fast.Engine, "_draft_sample", _engine_draft_top_p_not_renormalized)])},
+              [(sampling, "draft_sample", _engine_draft_top_p_not_renormalized)])},
 }
 
 

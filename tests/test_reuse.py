@@ -33,11 +33,9 @@ ORDERS = {"forward": list(range(len(CALLS))), "backward": list(range(len(CALLS))
 
 
 def engine(models, device, worker=False):
-    eng = ssd_fast.Engine(*models, device=device, dtype=torch.float32, log=lambda *a: None)
-    if worker:   # SSD's draft side on a thread (the path of a draft on its own GPU or a tensor-parallel target)
-        eng.one_device_ssd = False
-        eng.worker = ssd_fast.DraftWorker(eng.draft_device if eng.on_gpu else None)
-    return eng
+    """worker: SSD's worker layout (the draft side on a thread, as for a draft on its own GPU or a tensor-parallel
+    target)."""
+    return ssd_fast.Engine(*models, device=device, dtype=torch.float32, log=lambda *a: None, draft_worker=worker)
 
 
 def call(eng, i, seed=5):
