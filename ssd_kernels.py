@@ -25,6 +25,7 @@ present in both triton 3.6 and 3.9 are used.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 
 import torch
@@ -1065,8 +1066,16 @@ def skinny_linear_choose(weights, rows=1, reps=7):
         one_pass(cfg)                                    # compile / warm up
         torch.cuda.synchronize(w0.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            one_pass(cfg)
+        # thread-local: another thread's CUDA calls meanwhile (a draft worker) must not invalidate this capture; and
+        # no garbage collection inside it (a collected CUDA graph would be destroyed mid-capture)
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                one_pass(cfg)
+        finally:
+            if gc_was_on:
+                gc.enable()
         graph.replay()
         ts = []
         for _ in range(reps):

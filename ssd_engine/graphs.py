@@ -7,6 +7,7 @@ step reads (the `state` tensors are saved before and restored after). KV writes 
 row's committed length is always written before it is read, and a warm-up writes what the replay writes again."""
 from __future__ import annotations
 
+import gc
 import threading
 
 import torch
@@ -23,7 +24,7 @@ def capture(fn, pool, generators=(), state=(), warmups=2):
     """fn() recorded as a CUDA graph on the current device: (graph, fn's output of the capture, whose buffers each
     replay overwrites). `generators`: the random generators fn draws from, registered so each replay draws fresh
     numbers; `state`: tensors fn advances that must look untouched after the warm-ups."""
-    with LOCK:
+    with LOCK, _no_gc():
         saved = [t.clone() for t in state]
         rng = [g.get_state() for g in generators]
         stream = torch.cuda.Stream()        # on the current device (torch.cuda.graph's default one is made once)
@@ -44,6 +45,19 @@ def capture(fn, pool, generators=(), state=(), warmups=2):
         with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             out = fn()
         return graph, out
+
+
+class _no_gc:
+    """No garbage collection during a capture: a collected CUDA graph (an engine dropped in a reference cycle) would be
+    destroyed in the middle of it, which invalidates the capture."""
+
+    def __enter__(self):
+        self.enabled = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            gc.enable()
 
 
 class Graphed:

@@ -440,12 +440,12 @@ class DraftWorker:
     def submit(self, fn):
         if self.stream is None:
             return self.pool.submit(_no_grad_call, fn)
-        ready = torch.cuda.current_stream(self.device).record_event()
+        ready = [torch.cuda.current_stream(self.device).record_event()]
         return self.pool.submit(self._on_stream, ready, fn)
 
     def _on_stream(self, ready, fn):
         with on_device(self.device), torch.cuda.stream(self.stream):
-            self.stream.wait_event(ready)
+            self.stream.wait_event(ready.pop())   # the event is freed here, before the result is handed back
             return _no_grad_call(fn)
 
     def hand_over(self):
