@@ -42,16 +42,17 @@ says so once), and gives the same greedy tokens as ssd.py.
 """
 from __future__ import annotations
 
+from ssd_engine.bootstrap import load_pair  # noqa: F401  (ssd_fast.load_pair: the models for the Python API)
 from ssd_engine.engine import Batch, DraftWorker, Engine, _Run, saguaro_rescale_masked  # noqa: F401  (ssd_fast.Engine: the Python API)
 from ssd_engine.fast_model import BUCKETS, FastCache, FastModel, Graphed, Ops, Runner, bucket  # noqa: F401
 from ssd_engine.policy import (COST, SD_OVER_AR_MARGIN, SSD_BUDGET_ONE_GPU, choose_mode, forward_cost,  # noqa: F401
                                jit_cost_ratio, ssd_lookahead)
 
-if __name__ == "__main__":  # the command line, shared with ssd.py: python ssd_fast.py --help
+if __name__ == "__main__":  # the command line (ssd_engine/cli.py): python ssd_fast.py --help
     import sys
 
     if "--serve" in sys.argv[1:]:   # the OpenAI-compatible HTTP server: python ssd_fast.py --serve --help
         from ssd_engine import server
         sys.exit(server.main(sys.argv[1:]))
     from ssd_engine import cli
-    sys.exit(cli.run(sys.argv[1:], backend="fast"))
+    sys.exit(cli.run(sys.argv[1:]))
