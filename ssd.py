@@ -1139,7 +1139,10 @@ def main(argv=None) -> int:
         stats = result.summary()
         print(f"[{stats['generated_tokens']} tokens, {stats['tokens_per_round']:.2f} tokens/round, "
               f"{a.mode.upper()}" + (f" K={a.k}" if a.mode != "ar" else "") + "]")
-    return 130 if "interrupted" in result.finish_reasons else 0
+    if "interrupted" in result.finish_reasons:
+        print("interrupted: the text above is what was generated", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
