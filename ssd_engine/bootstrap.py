@@ -448,7 +448,8 @@ def boot(args, placement, log, prompts=(), rows=None, context=choose_context, wa
                 "draft": draft.loads if draft is not None else []}
         if warm_up:
             startup("capturing CUDA graphs")
-            batches = [[tok.encode("Hello")] * n for n in warm_rows] if warm_rows else [prompt_ids or [tok.encode("Hello")]]
+            hello = [tok.encode("Hello")]
+            batches = [hello * n for n in warm_rows] if warm_rows else [prompt_ids or hello]
             for batch in batches:
                 engine.generate(batch, **{**settings, "max_new_tokens": min(args.max_new_tokens, 4 * (args.k + 1)),
                                           **(warm or {})})
@@ -468,7 +469,8 @@ def ready_line(args, b: Boot) -> str:
     dtype = b.placement.dtype or b.engine.dtype
     return (f"ssd_fast.py: target {b.target_dir.name}" + (f", draft {b.draft_dir.name}" if b.draft_dir else "")
             + f", {str(dtype).removeprefix('torch.')}, mode {args.mode}" + (f" K={args.k}" if args.mode != "ar" else "")
-            + ", chat template " + ("on" if b.chat else "off") + f"; weights loaded in {b.load['seconds']:.1f} s; ready")
+            + ", chat template " + ("on" if b.chat else "off")
+            + f"; weights loaded in {b.load['seconds']:.1f} s; ready")
 
 
 def _settle_mode(args, placement, target_cfg, draft_cfg, rows, log):
@@ -579,7 +581,8 @@ def load_pair(target_dir=None, draft_dir=None, mode="ssd", dtype=None, device="c
         if not same_dir and any((draft_path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
             step("draft tokenizer check")
             if not same_tokenizer(embedded.load_tokenizer(draft_dir), tokenizer):
-                raise ValueError("the draft's tokenizer differs from the target's: use a draft with the same vocabulary")
+                raise ValueError("the draft's tokenizer differs from the target's: use a draft with the same "
+                                 "vocabulary")
     return target, draft, tokenizer, Path(target_dir)
 
 
