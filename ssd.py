@@ -20,9 +20,11 @@ on its own GPU) overlaps: in SSD the draft's glue pass and tree decode run *duri
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -1068,42 +1070,80 @@ def generate(target: Transformer, prompts, draft: Transformer | None = None, set
                             prefill_time=prefill_time)
 
 
-def load_pair(target_dir=None, draft_dir=None, mode="ssd", dtype=torch.float32, device="cpu", log=print,
-              progress=None, tokenizer=None):
-    """Target, draft (None in AR mode) and tokenizer; the embedded SmolLM2 pair by default.
-    `progress(stage)` (optional) is called as each stage of the loading starts; pass the target's
-    `tokenizer` if you have loaded it already."""
-    import embedded
-    step = progress or (lambda stage: None)
-    if target_dir is None:
-        target_dir = embedded.ensure_target()
-        if draft_dir is None and mode != "ar":
-            draft_dir, about = embedded.default_draft()
-            log(f"draft: {about}")
-    elif draft_dir is None and mode != "ar":
-        raise ValueError(f"--mode {mode} needs a draft: pass --draft DIR (or --mode ar)")
-    step("target weights")
-    target = load_model(target_dir, dtype, device)
-    if tokenizer is None:
-        step("tokenizer")
-        tokenizer = embedded.load_tokenizer(target_dir)
-    draft = None
-    if mode != "ar":
-        step("draft weights")
-        draft_cfg = read_config(Path(draft_dir).expanduser()) if Path(draft_dir).expanduser().is_dir() else {}
-        shared = target.model.embed_tokens.weight if draft_cfg.get("ssd_shared_embedding") else None
-        draft = load_model(draft_dir, dtype, device, shared_embedding=shared)
-        check_compatible(target, draft)
-        same_dir = Path(draft_dir).expanduser().resolve() == Path(target_dir).expanduser().resolve()
-        if not same_dir and any(Path(draft_dir, f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-            step("draft tokenizer check")
-            probe = "Speculative decoding, 1234 ünïcödé {code: [x]}"
-            draft_tok = embedded.load_tokenizer(draft_dir)
-            if draft_tok.encode(probe) != tokenizer.encode(probe):
-                raise ValueError("the draft's tokenizer differs from the target's: use a draft with the same vocabulary")
-    return target, draft, tokenizer, Path(target_dir)
+# ---------------------------------------------------------------------------------------------
+# 5. The command line: python ssd.py --prompt "The capital of France is"
+# ---------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, exit status 2 (argparse would print its usage too)
+        raise ValueError(message)
 
 
-if __name__ == "__main__":   # the command line, shared with ssd_fast.py (cli.py sits on top of this module)
-    from ssd_engine import cli
-    sys.exit(cli.run(sys.argv[1:], backend="reference"))
+def main(argv=None) -> int:
+    """Decode with the reference on the CPU; the fast engine's full command line is ssd_fast.py's."""
+    ap = _Parser(prog="ssd.py", description="AR, SD and SSD decoding with the readable reference (CPU).")
+    ap.add_argument("--prompt", action="append", required=True, help="prompt text; repeat the flag for a batch")
+    ap.add_argument("--target", help="target checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--draft", help="draft checkpoint directory (default with the embedded target: its draft)")
+    ap.add_argument("--mode", choices=["ar", "sd", "ssd"], default="ssd")
+    ap.add_argument("--k", type=int, default=4, help="draft tokens per round")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chat", action="store_true", help="apply the target's chat template (default: raw text)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    try:
+        a = ap.parse_args(argv)
+        import embedded
+        if "OMP_NUM_THREADS" not in os.environ:   # small products: threads without an idle core only wait
+            torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // 2)))
+        if a.target is None and a.draft is None and a.mode != "ar":
+            a.draft, _ = embedded.default_draft(progress=False)
+        target_dir = Path(a.target or embedded.ensure_target(progress=False)).expanduser()
+        target, tok = load_model(target_dir), embedded.load_tokenizer(target_dir)
+        draft = None
+        if a.mode != "ar":
+            if a.draft is None:
+                raise ValueError(f"--mode {a.mode} needs a draft: pass --draft DIR (or --mode ar)")
+            shared = read_config(Path(a.draft).expanduser()).get("ssd_shared_embedding")
+            draft = load_model(a.draft, shared_embedding=target.model.embed_tokens.weight if shared else None)
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) if a.chat else tok.encode(p)
+                   for p in a.prompt]
+        eos = sorted(set(target.cfg.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
+        settings = Settings(mode=a.mode, k=a.k, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                            max_new_tokens=a.max_new_tokens, seed=a.seed, eos_token_id=eos)
+        make_request(target, prompts, draft, settings)     # every check before decoding starts
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    stream, shown = len(prompts) == 1 and not a.json, [""]
+
+    def on_round(tokens, stats):   # one prompt: its text as rounds are accepted (a split character waits)
+        text = tok.decode([t for t in tokens[0] if t not in eos]).rstrip("\ufffd")
+        print(text[len(shown[0]):], end="", flush=True)
+        shown[0] = text
+    if stream:
+        print("" if a.chat else a.prompt[0], end="", flush=True)
+    result = generate(target, prompts, draft, settings, on_round=on_round if stream else None)  # Ctrl-C ends it
+    texts = [tok.decode([t for t in ids if t not in eos]) for ids in result.tokens]
+    if a.json:
+        print(json.dumps({"prompts": a.prompt, "token_ids": result.tokens, "text": texts,
+                          "finish_reasons": result.finish_reasons, "stats": result.summary()}))
+    else:
+        for p, text in zip(a.prompt, texts):
+            print(text[len(shown[0]):] if stream else text if a.chat else p + text)
+        stats = result.summary()
+        print(f"[{stats['generated_tokens']} tokens, {stats['tokens_per_round']:.2f} tokens/round, "
+              f"{a.mode.upper()}" + (f" K={a.k}" if a.mode != "ar" else "") + "]")
+    if "interrupted" in result.finish_reasons:
+        print("interrupted: the text above is what was generated", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,13 +35,14 @@ and gives the same greedy tokens as ssd.py.
 """
 from __future__ import annotations
 
+from ssd_engine.bootstrap import load_pair  # noqa: F401  (ssd_fast.load_pair: the models for the Python API)
 from ssd_engine.engine import Engine  # noqa: F401  (the Python API: ssd_fast.Engine)
 
-if __name__ == "__main__":  # the command line: python ssd_fast.py --help
+if __name__ == "__main__":  # the command line (ssd_engine/cli.py): python ssd_fast.py --help
     import sys
 
     if "--serve" in sys.argv[1:]:   # the OpenAI-compatible HTTP server: python ssd_fast.py --serve --help
         from ssd_engine import server
         sys.exit(server.main(sys.argv[1:]))
     from ssd_engine import cli
-    sys.exit(cli.run(sys.argv[1:], backend="fast"))
+    sys.exit(cli.run(sys.argv[1:]))

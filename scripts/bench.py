@@ -272,7 +272,8 @@ def check_expansion(base: ssd.Transformer, wide: ssd.Transformer, ids: list[int]
 def load_pair(name: str, args, device, dtype) -> Pair:
     if name in ("smollm2", "expanded"):
         import embedded
-        target, draft, tok, tdir = ssd.load_pair(mode="ssd", log=lambda *a: None)   # CPU, float32
+        from ssd_engine.bootstrap import load_pair as load_models
+        target, draft, tok, tdir = load_models(mode="ssd", log=lambda *a: None)   # CPU, float32
         ddir, about = embedded.default_draft(progress=False)
 
         def tokenize(text):
@@ -757,7 +758,7 @@ def tp_load_target(name: str, expand_k: int, dtype_name: str, on_gpu: bool) -> s
     dtype = getattr(torch, dtype_name)
     if name == "expanded":
         import embedded
-        base = ssd.load_model(embedded.ensure_target(progress=False))      # CPU float32, as ssd.load_pair loads it
+        base = ssd.load_model(embedded.ensure_target(progress=False))      # CPU float32, as ssd_fast.load_pair loads it
         return expand.expand_width(base, expand_k, dtype=dtype, device=device)
     if name == "smollm2":
         import embedded
@@ -953,13 +954,13 @@ class Child:
         return out
 
     def write_trace(self, eng, batch, kw, it) -> str:
-        from ssd_engine import cli
+        from ssd_engine import report
         res = eng.generate(batch, **dict(kw, profile=True))
         name = f"trace_{self.pair.name}_ssd_T{it['temperature']:g}_B{it['batch']}_K{kw['k']}_C{it['c']:g}.json"
         path = Path(self.args.out) / "traces" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         title = f"SSD {self.pair.name}, T={it['temperature']:g}, batch {it['batch']}, K={kw['k']}, draft on {eng.draft_device}"
-        path.write_text(json.dumps(cli.chrome_trace(res, title)))
+        path.write_text(json.dumps(report.chrome_trace(res, title)))
         return str(path.relative_to(self.args.out))
 
 

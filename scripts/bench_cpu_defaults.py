@@ -59,12 +59,11 @@ class ApiExample:
     def __init__(self):
         sys.path.insert(0, str(ROOT))
         import torch
-        from ssd_engine import cli as ssd_cli
-        import ssd
+        from ssd_engine import bootstrap, report
         import ssd_fast
-        torch.set_num_threads(ssd_cli.cpu_threads(None, torch))
-        target, draft, self.tok, _ = ssd.load_pair(log=lambda *a: None)
-        self.engine, self.decode_seconds = ssd_fast.Engine(target, draft), ssd_cli.decode_seconds
+        torch.set_num_threads(bootstrap.cpu_threads(None, torch))
+        target, draft, self.tok, _ = ssd_fast.load_pair(log=lambda *a: None)
+        self.engine, self.decode_seconds = ssd_fast.Engine(target, draft), report.decode_seconds
 
     def chat(self, text):
         return self.tok.apply_chat_template([{"role": "user", "content": text}])

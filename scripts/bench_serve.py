@@ -161,9 +161,9 @@ def bench(scheduler, cfg, prompt_ids, max_tokens, repeats=3, in_process_clients=
         load = scheduler.load()
     matches = None
     if check_alone:   # greedy through the server = each prompt alone (what `ssd_fast.py --prompt` prints)?
-        from ssd_engine import cli
+        from ssd_engine import report
         eos = set(cfg.eos)
-        alone = [cli.visible(cfg.tokenizer, engine.generate([p], **settings).tokens[0], eos, [])[0] for p in prompt_ids]
+        alone = [report.visible(cfg.tokenizer, engine.generate([p], **settings).tokens[0], eos, [])[0] for p in prompt_ids]
         matches = sum(a == r["text"] for a, r in zip(alone, rows))
         log(f"greedy texts equal to each prompt alone: {matches} of {n}")
     median = lambda runs: sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]   # noqa: E731
@@ -208,7 +208,7 @@ def main(argv=None):
     try:
         server.check_args(args)
         scheduler, cfg = server.load(args, log)
-    except (server.cli.UsageError, ValueError, FileNotFoundError) as e:
+    except (server.UsageError, ValueError, FileNotFoundError) as e:
         log(f"error: {e}")
         return 2
     result = bench(scheduler, cfg, prompts(cfg.tokenizer, args.clients), args.max_tokens, args.repeats,

@@ -68,7 +68,7 @@ that run, on the machine that ran it (a small shared CPU: timings are noisy).
 md(r"""
 ## 0. Setup
 
-We load the pair with `ssd.load_pair()`, which converts the target once into `~/.cache/ssd` and loads the default
+We load the pair with `ssd_fast.load_pair()` (the reference's models, on the CPU), which converts the target once into `~/.cache/ssd` and loads the default
 draft. The CPU work uses one thread: small decoding steps are dominated by per-operation overhead, and on a shared
 machine a single thread avoids stalls when another process takes a core.
 """),
@@ -85,13 +85,14 @@ import torch
 from IPython.display import Markdown, display
 
 import ssd
+import ssd_fast
 
 torch.set_num_threads(1)
 plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
                      "axes.spines.right": False})
 NOTEBOOK_START = time.perf_counter()
 
-target, draft, tok, target_dir = ssd.load_pair()
+target, draft, tok, target_dir = ssd_fast.load_pair()
 
 
 def n_params(model):  # tied embedding and LM head counted once
@@ -1674,13 +1675,13 @@ PyTorch reference of the same name with `_ref` (read the reference first).
 
 | Section | `ssd.py` (reference) | `ssd_fast.py`, `ssd_kernels.py` (fast engine) |
 | --- | --- | --- |
-| Section 0: loading | `ssd.load_pair`, `ssd.load_model` (the draft's `shared_embedding`), `ssd.Transformer`, `ssd.KVCache` | `ssd_fast.Engine`, `ssd_fast.FastModel`, `ssd_fast.FastCache` |
+| Section 0: loading | `ssd.load_model` (the draft's `shared_embedding`), `ssd.Transformer`, `ssd.KVCache` | `ssd_fast.load_pair`, `ssd_fast.Engine`, `ssd_fast.FastModel`, `ssd_fast.FastCache` |
 | Section 1: AR | `ssd.extend`, `ssd.ar_round` | `ssd_fast.Engine._ar_round`, `ssd_kernels.cache_attention` |
 | Section 2: SD and exact verification | `ssd.draft_steps`, `ssd.target_verify`, `ssd.verify`, `ssd.acceptance_prob`, `ssd.residual`, `ssd.sample`, `ssd.sd_round`, `ssd.commit` | `ssd_fast.Engine._draft_propose`, `ssd_fast.Engine._verify`, `ssd_fast.Engine._sd_round`, `ssd_kernels.verify_ref`, `ssd_kernels.sample_exponential_race` |
 | Section 3: SSD, the speculation cache | `ssd.ssd_round`, `ssd.SpeculationCache`, `ssd.build_speculation_cache` (glue pass and fork) | one device: `ssd_fast.Engine._ssd_round_device`, `ssd_round.SSDRound.lookup`, `ssd_round.SSDRound.glue_and_fork`, `ssd_round.SSDRound.tree`, `ssd_round.SSDRound.target_side`, `ssd_round.SSDRound.round` (the whole round, one CUDA graph); the draft on its own GPU: `ssd_fast.Engine._ssd_round`, `ssd_fast.Engine._lookup`, `ssd_fast.Engine._build_speculation_cache`, `ssd_fast.DraftWorker` |
 | Section 3.1: the tree decode | `ssd.tree_decode` (scratch slots and an explicit mask), `ssd.Transformer.forward` (`slots`, `visible`, `positions`) | `ssd_fast.FastModel.forward` (its `tree` argument: each branch's keys in a buffer of their own), `ssd_kernels.tree_attention_ref` (the mask, implicit), `ssd_kernels.tree_attention` |
 | Section 4: Saguaro | `ssd.geometric_fan_out`, `ssd.saguaro_rescale`, `ssd.choose_backup`, `ssd.Estimates`, `ssd.ngram_proposal` | `ssd_round.SSDRound.set_fan` (the fan-out as device data), `ssd_round.SSDRound.backup`, `ssd_fast.saguaro_rescale_masked`, `ssd_fast.Engine._ngram_proposal`, `ssd_fast.Engine.fit_budget`, `ssd_fast.Engine.choose_lookahead` |
-| Section 5: timelines, the speed formula | `ssd.RoundStats`, `ssd.GenerationResult.summary`, `ssd.generate`, `ssd.Settings` | `ssd_fast.Engine.generate` (with `profile=True`), `cli.chrome_trace`, `scripts/speed_model.py`, `scripts/profile_round.py` |
+| Section 5: timelines, the speed formula | `ssd.RoundStats`, `ssd.GenerationResult.summary`, `ssd.generate`, `ssd.Settings` | `ssd_fast.Engine.generate` (with `profile=True`), `report.chrome_trace`, `scripts/speed_model.py`, `scripts/profile_round.py` |
 | Section 6: GPU measurements | | `scripts/bench.py` (writes `benchmarks/*/results.json` and the traces), `scripts/expand.py` |
 
 ## Where to go next

@@ -86,13 +86,13 @@ def main(argv=None):
     ap.add_argument("--budgets", default="", help="SSD's speculation budgets per row to try, e.g. 20,40,80 "
                                                   "(default: the engine's)")
     ap.add_argument("--backups", default="auto", help="SSD's backups to try: auto, jit, fast (comma-separated)")
-    ap.add_argument("--threads", type=int, help="CPU threads (default: the command line's, cli.cpu_threads)")
+    ap.add_argument("--threads", type=int, help="CPU threads (default: the command line's, bootstrap.cpu_threads)")
     ap.add_argument("--out", default=".")
     a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
-        from ssd_engine import cli
-        torch.set_num_threads(cli.cpu_threads(a.threads, torch))
+        from ssd_engine import bootstrap
+        torch.set_num_threads(bootstrap.cpu_threads(a.threads, torch))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args = argparse.Namespace(expand_k=a.expand_k, systems=[])
     pair = bench.load_pair(a.pair, args, device, dtype)

@@ -48,7 +48,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ssd_engine import cli
+from ssd_engine import bootstrap, cli
+from ssd_engine.bootstrap import UsageError
+from ssd_engine.report import Streamer, visible
 
 # engine finish reasons -> OpenAI's ("cancelled": the row was stopped for a stop string or a disconnect)
 FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length", "context": "length",
@@ -555,9 +557,9 @@ class API:
     async def _generate(self, job: Job, stops):
         """Yield a submitted job's (text delta, None) as rounds are accepted, then (last delta, final) once:
         final = dict(finish_reason, completion_tokens, statistics). The text is the CLI's: EOS never shows, a stop
-        string cuts it (cli.visible), and the stream holds back a possible stop string's start (cli.Streamer)."""
+        string cuts it (report.visible), and the stream holds back a possible stop string's start (report.Streamer)."""
         parts = []
-        streamer = cli.Streamer(self.tok, self.eos, stops, parts.append)
+        streamer = Streamer(self.tok, self.eos, stops, parts.append)
         done = False
         try:
             while not done:
@@ -568,7 +570,7 @@ class API:
                         job.cancel()      # a stop string: the row leaves at the next round
                 elif event[0] == "done":
                     _, reason, ids, stats = event
-                    text, ids, hit = cli.visible(self.tok, ids, self.eos, stops)
+                    text, ids, hit = visible(self.tok, ids, self.eos, stops)
                     streamer.finish(text)
                     final = {"finish_reason": "stop" if hit else FINISH.get(reason, "stop"),
                              "completion_tokens": len(ids), "statistics": stats}
@@ -774,7 +776,7 @@ class ThreadedServer:
 
 def build_parser():
     """The CLI's parser (every model, mode, device and decoding flag) plus the serving flags."""
-    ap = cli.build_parser("fast")
+    ap = cli.build_parser()
     ap.prog = "ssd_fast.py --serve"
     ap.description = ("An OpenAI-compatible HTTP server for the fast engine (AR, SD, SSD), with streaming and "
                       "continuous batching. The model, mode, device and decoding flags are the command line's; the "
@@ -830,10 +832,10 @@ def kv_gib(target_cfg, draft_cfg, rows: int, context: int) -> float:
 def check_args(args):
     """The CLI's checks, and the serving flags'."""
     if args.prompt or args.prompt_file or args.interactive or args.json or args.profile:
-        raise cli.UsageError("--serve takes its prompts over HTTP: drop --prompt, --prompt-file, --interactive, "
+        raise UsageError("--serve takes its prompts over HTTP: drop --prompt, --prompt-file, --interactive, "
                              "--json and --profile")
     if args.draft_temperature is not None:
-        raise cli.UsageError("--draft-temperature is not served: each request's temperature is its draft's too")
+        raise UsageError("--draft-temperature is not served: each request's temperature is its draft's too")
     seed, args.seed = args.seed, (args.seed if args.seed is not None else 0)
     args.prompt = ["(served)"]      # cli.check_args wants something to do
     try:
@@ -841,79 +843,53 @@ def check_args(args):
     finally:
         args.prompt, args.seed = [], seed
     if not 0 <= args.port <= 65535:
-        raise cli.UsageError(f"--port must be in 0..65535, got {args.port}")
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.max_batch is not None and not 1 <= args.max_batch <= 64:
-        raise cli.UsageError(f"--max-batch must be in 1..64, got {args.max_batch}")
+        raise UsageError(f"--max-batch must be in 1..64, got {args.max_batch}")
     if not (math.isfinite(args.batch_window) and 0 <= args.batch_window <= 1000):
-        raise cli.UsageError(f"--batch-window must be in 0..1000 ms, got {args.batch_window}")
+        raise UsageError(f"--batch-window must be in 0..1000 ms, got {args.batch_window}")
     if args.temperature > 2:
-        raise cli.UsageError(f"--temperature must be in 0..2 for the server (OpenAI's range), got {args.temperature}")
+        raise UsageError(f"--temperature must be in 0..2 for the server (OpenAI's range), got {args.temperature}")
 
 
 def load(args, log):
-    """Devices, models, tokenizer and the engine, as the CLI chooses and loads them (the weights streamed to the
-    device by loader.py). Returns (scheduler, config)."""
-    import embedded
+    """Devices, models, tokenizer and the engine, as the CLI chooses and loads them (bootstrap.py), sized for
+    --max-batch rows of --max-context tokens. Returns (scheduler, config)."""
     import torch
-    placement = cli.choose_devices(args, "fast", torch)
-    if placement.note:
-        log(placement.note)
+    placement = bootstrap.place(args, torch)
     on_gpu = placement.target != "cpu"
-    if not on_gpu:
-        torch.set_num_threads(cli.cpu_threads(args.threads, torch))
     cpu_defaults = size_for_the_machine(args, on_gpu, torch.get_num_threads())
-    if args.mode == "auto" and args.target is not None and args.draft is None:
-        args.mode = "ar"                    # no draft to speculate with
-    target_dir, draft_dir, _ = cli.resolve_models(args, log)
-    target_cfg = cli.read_model_config(target_dir, "--target")
-    draft_cfg = cli.read_model_config(draft_dir, "--draft") if draft_dir else None
-    if args.mode == "auto":   # the default mode of requests: SSD, SD or AR by the configs (a request may ask for any)
-        cli.settle_auto_mode(args, on_gpu, target_cfg, draft_cfg, args.max_batch, log)
-    window = min(target_cfg.max_position_embeddings, draft_cfg.max_position_embeddings if draft_cfg else 1 << 30)
-    context = args.max_context or min(window, 4096 if on_gpu else CPU_CONTEXT)
-    if cpu_defaults:
-        threads = torch.get_num_threads()
-        log(f"CPU defaults, sized to this machine ({threads} thread{'s' * (threads > 1)}): " + ", ".join(cpu_defaults)
-            + (f", --max-context {context}" if not args.max_context else "")
-            + " (KV cache " + f"{kv_gib(target_cfg, draft_cfg, args.max_batch, context):.2f} GiB); the flags change them")
-    if context > window:
-        raise cli.UsageError(f"--max-context {context} is longer than the models' context window ({window} tokens)")
-    tok = embedded.load_tokenizer(target_dir)
-    if on_gpu:   # will --max-batch rows of --max-context tokens fit? From the configs, before any weight is read
-        cli.check_memory(args, placement, target_cfg, draft_cfg, placement.dtype or torch.bfloat16, args.max_batch,
-                         context, context, log, torch)
-        torch.cuda.set_device(torch.device(placement.target))
-    warm_up = on_gpu and not args.no_cuda_graphs
-    startup = cli.Startup(2 + warm_up, log)
-    try:
-        target, draft = cli.open_checkpoints(target_dir, draft_dir, tok, startup)
-        startup(f"weights to {placement.target_devices()}")
-        engine = cli.Backend("fast", target, draft, placement, args, startup.log, max_seq=context,
-                             target_dir=target_dir).engine
-        budget = None
-        if args.k_auto and args.mode != "ar":
-            args.k, budget, _ = engine.choose_lookahead(args.max_batch, args.mode, k_max=cli.K_AUTO_MAX)
-            startup.log(f"--k auto: K={args.k}" + (f", speculation budget {budget}" if args.mode == "ssd" else ""))
-        eos = sorted(set(target.cfg.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
-        scheduler = Scheduler(engine, eos=eos, k=args.k, max_new_tokens=args.max_new_tokens,
-                              max_batch=args.max_batch, fan_out=args.fan_out,
-                              fan_out_budget=budget if args.mode == "ssd" else None, saguaro_c=args.saguaro_c,
-                              backup=args.backup, batch_window=args.batch_window / 1000, log=log)
-        if warm_up:   # capture the CUDA graphs of a full batch and of a batch of one
-            startup("capturing CUDA graphs")
-            for rows in sorted({args.max_batch, 1}):
-                engine.generate([tok.encode("Hello")] * rows, mode=args.mode, k=args.k,
-                                max_new_tokens=4 * (args.k + 1), eos_token_id=[], **scheduler.spec)
-        cfg = ServeConfig(model_name=args.served_model_name or target_dir.name, tokenizer=tok, eos=eos,
-                          max_context=engine.max_seq, max_new_tokens=args.max_new_tokens, mode=args.mode,
-                          modes=("ar", "sd", "ssd") if draft is not None else ("ar",), temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stops=tuple(args.stop))
+
+    def context(args, prompt_ids, target_cfg, draft_cfg, log):
+        window = min(target_cfg.max_position_embeddings, draft_cfg.max_position_embeddings if draft_cfg else 1 << 30)
+        tokens = args.max_context or min(window, 4096 if on_gpu else CPU_CONTEXT)
+        if cpu_defaults:
+            threads = torch.get_num_threads()
+            log(f"CPU defaults, sized to this machine ({threads} thread{'s' * (threads > 1)}): "
+                + ", ".join(cpu_defaults) + (f", --max-context {tokens}" if not args.max_context else "")
+                + f" (KV cache {kv_gib(target_cfg, draft_cfg, args.max_batch, tokens):.2f} GiB); the flags change them")
+        if tokens > window:
+            raise UsageError(f"--max-context {tokens} is longer than the models' context window ({window} tokens)")
+        return tokens
+
+    def ready(args, boot):
         draft_on = f" + {placement.draft}" if placement.draft and placement.draft != placement.target else ""
-        startup.finish(f"server: {cfg.model_name} on {placement.target_devices()}{draft_on}, mode {args.mode}"
-                       + (f" K={args.k}" if args.mode != "ar" else "") + f", batches of up to {args.max_batch}"
-                       + f", context {engine.max_seq} tokens; ready")
-    finally:
-        startup.close()
+        return (f"server: {args.served_model_name or boot.target_dir.name} on {placement.target_devices()}{draft_on}, "
+                f"mode {args.mode}" + (f" K={args.k}" if args.mode != "ar" else "")
+                + f", batches of up to {args.max_batch}, context {boot.engine.max_seq} tokens; ready")
+    # the warm-up captures the CUDA graphs of a full batch and of a batch of one, greedy, to the full length
+    boot = bootstrap.boot(args, placement, log, rows=args.max_batch, context=context,
+                          warm_rows=sorted({args.max_batch, 1}), ready=ready,
+                          warm=dict(temperature=0.0, top_k=0, top_p=1.0, seed=0, eos_token_id=[]))
+    engine, tok, eos = boot.engine, boot.tok, boot.eos
+    budget = boot.settings.get("fan_out_budget") if args.mode == "ssd" else None
+    scheduler = Scheduler(engine, eos=eos, k=args.k, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
+                          fan_out=args.fan_out, fan_out_budget=budget, saguaro_c=args.saguaro_c, backup=args.backup,
+                          batch_window=args.batch_window / 1000, log=log)
+    cfg = ServeConfig(model_name=args.served_model_name or boot.target_dir.name, tokenizer=tok, eos=eos,
+                      max_context=engine.max_seq, max_new_tokens=args.max_new_tokens, mode=args.mode,
+                      modes=("ar", "sd", "ssd") if engine.draft is not None else ("ar",), temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stops=tuple(args.stop))
     return scheduler, cfg
 
 
@@ -928,7 +904,7 @@ def main(argv=None) -> int:
         import uvicorn
     except SystemExit as e:         # --help
         return int(e.code or 0)
-    except cli.UsageError as e:
+    except UsageError as e:
         log(f"error: {e}")
         return 2
     except ImportError as e:
@@ -941,7 +917,7 @@ def main(argv=None) -> int:
         return 2
     try:
         scheduler, cfg = load(args, log)
-    except (cli.UsageError, ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError) as e:
         log(f"error: {e}")
         return 2
     except KeyboardInterrupt:

@@ -174,7 +174,8 @@ def test_distill_helpers():
 def test_greedy_ssd_with_the_shipped_draft_equals_ar():
     """The embedded pair end to end: greedy SD and SSD with the distilled draft give AR's tokens."""
     import ssd
-    target, draft, tok, _ = ssd.load_pair(mode="ssd", log=lambda *a: None)
+    import ssd_fast
+    target, draft, tok, _ = ssd_fast.load_pair(mode="ssd", log=lambda *a: None)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Write a short story about a cat."}])
     ar = ssd.generate(target, prompt, max_new_tokens=24).tokens
     for mode in ("sd", "ssd"):

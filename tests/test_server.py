@@ -25,7 +25,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from ssd_engine import cli  # noqa: E402
+from ssd_engine import cli, report  # noqa: E402
 import embedded  # noqa: E402
 from ssd_engine import server  # noqa: E402
 import ssd  # noqa: E402
@@ -51,7 +51,7 @@ def pair():
     target_dir = embedded.ensure_target(progress=False)
     draft_dir, _ = embedded.default_draft(progress=False)
     tok = embedded.load_tokenizer(target_dir)
-    target, draft, _, _ = ssd.load_pair(str(target_dir), str(draft_dir), "sd", log=lambda *a: None, tokenizer=tok)
+    target, draft, _, _ = ssd_fast.load_pair(str(target_dir), str(draft_dir), "sd", log=lambda *a: None, tokenizer=tok)
     engine = ssd_fast.Engine(target, draft, device="cpu", max_seq=CONTEXT, log=lambda *a: None)
     eos = sorted(set(target.cfg.eos_token_ids) | {tok.eos_token_id})
     yield engine, tok, eos
@@ -76,10 +76,10 @@ def client(srv):
 
 
 def alone(pair, ids, mode="sd", max_tokens=8, **kw):
-    """The text the CLI prints for this prompt alone: the same engine's generate, decoded as cli.py does."""
+    """The text the CLI prints for this prompt alone: the same engine's generate, decoded as the CLI does (report.visible)."""
     engine, tok, eos = pair
     out = engine.generate([ids], mode=mode, k=K, max_new_tokens=max_tokens, eos_token_id=eos, **kw)
-    return cli.visible(tok, out.tokens[0], set(eos), kw.get("stops", []))[0]
+    return report.visible(tok, out.tokens[0], set(eos), kw.get("stops", []))[0]
 
 
 def sse_events(response):
@@ -122,9 +122,9 @@ def test_chat_matches_the_cli(pair, capsys):
     prompt = "Name a fruit."
     argv = ["--prompt", prompt, "--temperature", "0", "--max-new-tokens", "8", "--mode", "sd", "--k", str(K),
             "--device", "cpu", "--json"]
-    if "--max-context" in cli.build_parser("fast").format_help():
+    if "--max-context" in cli.build_parser().format_help():
         argv += ["--max-context", str(CONTEXT)]      # the same cache length as the server's engine
-    assert cli.run(argv, backend="fast") == 0
+    assert cli.run(argv) == 0
     cli_text = json.loads(capsys.readouterr().out)["text"][0]
     torch.set_num_threads(1)
     with serving(pair) as srv:
@@ -311,7 +311,7 @@ def test_sigterm_drains_the_request_in_progress_and_exits_cleanly(tmp_path):
     the process exits with status 0."""
     argv = ["--serve", "--port", "0", "--mode", "ar", "--device", "cpu", "--max-context", "64", "--max-new-tokens",
             "12", "--threads", "1", "--served-model-name", NAME]
-    proc = subprocess.Popen([sys.executable, "-c", f"import sys, server; sys.exit(server.main({argv!r}))"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", f"import sys; from ssd_engine import server; sys.exit(server.main({argv!r}))"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

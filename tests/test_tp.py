@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from ssd_engine import cli
+from ssd_engine import bootstrap, cli
 import ssd
 import ssd_fast
 from ssd_engine import tp
@@ -240,13 +240,13 @@ def test_workers_exit_when_rank0_dies(ckpts, tmp_path):
 
 def test_cli_tp_flags(capsys):
     from test_cli import _args, _fake_torch
-    p = cli.choose_devices(_args(tp=2), "fast", _fake_torch(3))
+    p = bootstrap.choose_devices(_args(tp=2), _fake_torch(3))
     assert (p.target, p.draft, p.tp, p.note) == ("cuda:0", "cuda:2", 2, None)
-    p = cli.choose_devices(_args(tp=2), "fast", _fake_torch(2))          # no GPU left: the draft shares cuda:0
+    p = bootstrap.choose_devices(_args(tp=2), _fake_torch(2))          # no GPU left: the draft shares cuda:0
     assert (p.target, p.draft, p.tp) == ("cuda:0", "cuda:0", 2) and "shares cuda:0" in p.note
-    p = cli.choose_devices(_args(tp=2, mode="ar"), "fast", _fake_torch(2))
+    p = bootstrap.choose_devices(_args(tp=2, mode="ar"), _fake_torch(2))
     assert (p.target, p.draft, p.tp, p.note) == ("cuda:0", None, 2, None)
-    p = cli.choose_devices(_args(tp=3, device="cuda:1"), "fast", _fake_torch(8))
+    p = bootstrap.choose_devices(_args(tp=3, device="cuda:1"), _fake_torch(8))
     assert (p.target, p.draft) == ("cuda:1", "cuda:4")
     for kw, gpus, message in [
             (dict(tp=4), 2, "--tp 4 splits the target over 4 GPUs but only 2 are visible"),
@@ -255,13 +255,11 @@ def test_cli_tp_flags(capsys):
             (dict(tp=2, gpus=4), 8, "--gpus must be 2 or 3"),
             (dict(tp=2, gpus=3), 2, "asked for 3 GPUs but only 2 are visible"),
             (dict(tp=2, device="cuda:1"), 2, "--tp 2 from cuda:1 on needs cuda:1..cuda:2")]:
-        with pytest.raises(cli.UsageError, match=message.replace("(", r"\(")):
-            cli.choose_devices(_args(**kw), "fast", _fake_torch(gpus))
-    rc = cli.run(["--prompt", "hi", "--tp", "0"], backend="fast")
+        with pytest.raises(bootstrap.UsageError, match=message.replace("(", r"\(")):
+            bootstrap.choose_devices(_args(**kw), _fake_torch(gpus))
+    rc = cli.run(["--prompt", "hi", "--tp", "0"])
     assert rc == 2 and "--tp must be >= 1" in capsys.readouterr().err
-    rc = cli.run(["--prompt", "hi", "--tp", "2"], backend="reference")
-    assert rc == 2 and "unrecognized arguments: --tp" in capsys.readouterr().err
-    rc = cli.run(["--help"], backend="fast")
+    rc = cli.run(["--help"])
     assert rc == 0 and "--tp N" in capsys.readouterr().out
 
 
