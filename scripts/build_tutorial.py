@@ -1670,18 +1670,20 @@ md(r"""
 ## 8. Reading guide
 
 Which code each section corresponds to. `ssd.py` is the reference (read it top to bottom, it is short);
-`ssd_fast.py` is the same algorithm built for speed, with its GPU kernels in `ssd_kernels.py`, each beside a plain
-PyTorch reference of the same name with `_ref` (read the reference first).
+the fast engine (front door `ssd_fast.py`) is the same algorithm built for speed, a file per concept under
+`ssd_engine/` (`rounds.py`, `ssd_round.py`, `engine.py`, ...: the names below are those modules'), with its GPU
+kernels in `ssd_kernels.py`, each beside a plain PyTorch reference of the same name with `_ref` (read the reference
+first).
 
-| Section | `ssd.py` (reference) | `ssd_fast.py`, `ssd_kernels.py` (fast engine) |
+| Section | `ssd.py` (reference) | `ssd_engine/`, `ssd_kernels.py` (fast engine) |
 | --- | --- | --- |
-| Section 0: loading | `ssd.load_model` (the draft's `shared_embedding`), `ssd.Transformer`, `ssd.KVCache` | `ssd_fast.load_pair`, `ssd_fast.Engine`, `ssd_fast.FastModel`, `ssd_fast.FastCache` |
-| Section 1: AR | `ssd.extend`, `ssd.ar_round` | `ssd_fast.Engine._ar_round`, `ssd_kernels.cache_attention` |
-| Section 2: SD and exact verification | `ssd.draft_steps`, `ssd.target_verify`, `ssd.verify`, `ssd.acceptance_prob`, `ssd.residual`, `ssd.sample`, `ssd.sd_round`, `ssd.commit` | `ssd_fast.Engine._draft_propose`, `ssd_fast.Engine._verify`, `ssd_fast.Engine._sd_round`, `ssd_kernels.verify_ref`, `ssd_kernels.sample_exponential_race` |
-| Section 3: SSD, the speculation cache | `ssd.ssd_round`, `ssd.SpeculationCache`, `ssd.build_speculation_cache` (glue pass and fork) | one device: `ssd_fast.Engine._ssd_round_device`, `ssd_round.SSDRound.lookup`, `ssd_round.SSDRound.glue_and_fork`, `ssd_round.SSDRound.tree`, `ssd_round.SSDRound.target_side`, `ssd_round.SSDRound.round` (the whole round, one CUDA graph); the draft on its own GPU: `ssd_fast.Engine._ssd_round`, `ssd_fast.Engine._lookup`, `ssd_fast.Engine._build_speculation_cache`, `ssd_fast.DraftWorker` |
-| Section 3.1: the tree decode | `ssd.tree_decode` (scratch slots and an explicit mask), `ssd.Transformer.forward` (`slots`, `visible`, `positions`) | `ssd_fast.FastModel.forward` (its `tree` argument: each branch's keys in a buffer of their own), `ssd_kernels.tree_attention_ref` (the mask, implicit), `ssd_kernels.tree_attention` |
-| Section 4: Saguaro | `ssd.geometric_fan_out`, `ssd.saguaro_rescale`, `ssd.choose_backup`, `ssd.Estimates`, `ssd.ngram_proposal` | `ssd_round.SSDRound.set_fan` (the fan-out as device data), `ssd_round.SSDRound.backup`, `ssd_fast.saguaro_rescale_masked`, `ssd_fast.Engine._ngram_proposal`, `ssd_fast.Engine.fit_budget`, `ssd_fast.Engine.choose_lookahead` |
-| Section 5: timelines, the speed formula | `ssd.RoundStats`, `ssd.GenerationResult.summary`, `ssd.generate`, `ssd.Settings` | `ssd_fast.Engine.generate` (with `profile=True`), `report.chrome_trace`, `scripts/speed_model.py`, `scripts/profile_round.py` |
+| Section 0: loading | `ssd.load_model` (the draft's `shared_embedding`), `ssd.Transformer`, `ssd.KVCache` | `ssd_fast.load_pair`, `engine.Engine`, `fast_model.FastModel`, `fast_model.FastCache` |
+| Section 1: AR | `ssd.extend`, `ssd.ar_round` | `rounds.ar_round`, `ssd_kernels.cache_attention` |
+| Section 2: SD and exact verification | `ssd.draft_steps`, `ssd.target_verify`, `ssd.verify`, `ssd.acceptance_prob`, `ssd.residual`, `ssd.sample`, `ssd.sd_round`, `ssd.commit` | `rounds.draft_propose`, `rounds.verify`, `rounds.sd_round`, `batch.commit_device`, `ssd_kernels.verify_ref`, `ssd_kernels.sample_exponential_race` |
+| Section 3: SSD, the speculation cache | `ssd.ssd_round`, `ssd.SpeculationCache`, `ssd.build_speculation_cache` (glue pass and fork) | `ssd_round.SSDRound.select`, `ssd_round.SSDRound.lookup`, `ssd_round.SSDRound.glue_and_fork`, `ssd_round.SSDRound.tree`, `ssd_round.SSDRound.target_side`, `ssd_round.SSDRound.round` (one device: the whole round one CUDA graph); the draft on its own GPU: `ssd_round.SSDRound.handshake`, `ssd_round.DraftWorker` |
+| Section 3.1: the tree decode | `ssd.tree_decode` (scratch slots and an explicit mask), `ssd.Transformer.forward` (`slots`, `visible`, `positions`) | `fast_model.FastModel.forward` (its `tree` argument: each branch's keys in a buffer of their own), `ssd_kernels.tree_attention_ref` (the mask, implicit), `ssd_kernels.tree_attention` |
+| Section 4: Saguaro | `ssd.geometric_fan_out`, `ssd.saguaro_rescale`, `ssd.choose_backup`, `ssd.Estimates`, `ssd.ngram_proposal` | `ssd_round.SSDRound.set_fan` (the fan-out as device data), `ssd_round.SSDRound.backup`, `sampling.saguaro_rescale_masked`, `rounds.ngram_proposal`, `policy.fit_budget`, `policy.choose_lookahead` |
+| Section 5: timelines, the speed formula | `ssd.RoundStats`, `ssd.GenerationResult.summary`, `ssd.generate`, `ssd.Settings` | `engine.Engine.generate` (with `profile=True`), `report.chrome_trace`, `scripts/speed_model.py`, `scripts/profile_round.py` |
 | Section 6: GPU measurements | | `scripts/bench.py` (writes `benchmarks/*/results.json` and the traces), `scripts/expand.py` |
 
 ## Where to go next

@@ -337,13 +337,14 @@ def builder_cell(start):
 
 def test_reading_guide_names_exist():
     """Every function the reading guide names exists (a renamed function fails here, not in a reader's hands)."""
-    from ssd_engine import report
+    import importlib
     import ssd_kernels
     import ssd_fast
-    from ssd_engine import ssd_round
-    modules = {"ssd": ssd, "ssd_fast": ssd_fast, "ssd_round": ssd_round, "ssd_kernels": ssd_kernels, "report": report}
+    engine = ("batch", "engine", "fast_model", "policy", "report", "rounds", "sampling", "ssd_round")
+    modules = {"ssd": ssd, "ssd_fast": ssd_fast, "ssd_kernels": ssd_kernels,
+               **{m: importlib.import_module(f"ssd_engine.{m}") for m in engine}}
     guide = next(src for kind, src, _ in load_builder().CELLS if kind == "markdown" and "Reading guide" in src)
-    names = [(m, a) for m, a in re.findall(r"`(ssd|ssd_fast|ssd_round|ssd_kernels|report)\.([\w.]+)`", guide) if a != "py"]
+    names = [(m, a) for m, a in re.findall(r"`(" + "|".join(modules) + r")\.([\w.]+)`", guide) if a != "py"]
     assert len(names) > 30
     for module, attr in names:
         obj = modules[module]
