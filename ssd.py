@@ -9,14 +9,17 @@ form is called Saguaro. Read this file top to bottom:
   3. decoding         AR (one target pass per token), SD (draft K tokens, verify them in one pass),
                       SSD (while the target verifies, the draft pre-computes the next speculation
                       for the likely verification outcomes, so a cache hit costs no drafting)
-  4. generate() and the command line
+  4. generate()
+  5. a small command line: python ssd.py --prompt "The capital of France is"
 
 Notation follows the paper: target p, draft q, lookahead K, recovery token r (sampled by the
 target after verification, not yet run through it), n = accepted draft tokens in a round (0..K).
 
 In this reference the draft and the target run one after the other on one device; the round
-statistics time each part separately so you can see what the real system (ssd_fast.py, the draft
-on its own GPU) overlaps: in SSD the draft's glue pass and tree decode run *during* the verify.
+statistics time each part separately so you can see what the real system (ssd_fast.py) overlaps: in
+SSD the draft's glue pass and tree decode run *during* the verify. The reference also honours
+sliding-window attention, dynamic RoPE and partial rotary embeddings, which the fast engine refuses
+with a message (ssd_engine/fast_model.py, check_supported).
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ssd
+from harness import chi_square_p_value  # noqa: F401  (test_fast.py uses it through this module)
 
 V, K = 4, 2
 
@@ -162,25 +163,6 @@ def exact_joint(target, prompt, n_tokens, window=None, top_k=0):
         key = s[window] if window else s
         joint[key] = joint.get(key, 0.0) + pr
     return joint
-
-
-def chi_square_p_value(samples, exact):
-    """Pearson's chi-square with cells of expected count < 5 pooled; returns the p-value."""
-    counts = {}
-    for s in samples:
-        counts[s] = counts.get(s, 0) + 1
-    n = len(samples)
-    stat, pooled_obs, pooled_exp, cells = 0.0, 0.0, 0.0, 0
-    for seq, prob in exact.items():
-        e, o = n * prob, counts.get(seq, 0)
-        if e < 5:
-            pooled_obs, pooled_exp = pooled_obs + o, pooled_exp + e
-        else:
-            stat, cells = stat + (o - e) ** 2 / e, cells + 1
-    if pooled_exp > 0:
-        stat, cells = stat + (pooled_obs - pooled_exp) ** 2 / pooled_exp, cells + 1
-    dof = torch.tensor((cells - 1) / 2, dtype=torch.float64)
-    return float(torch.special.gammaincc(dof, torch.tensor(stat / 2, dtype=torch.float64)))
 
 
 def sample_first_tokens(target, draft, prompt, **kw):

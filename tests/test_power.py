@@ -61,6 +61,7 @@ import pytest
 import torch
 
 import ssd
+from harness import chi2_sf, pearson
 import ssd_fast
 from ssd_engine import sampling
 import ssd_kernels
@@ -109,21 +110,6 @@ def transition_counts(prompts, generated):
     return counts
 
 
-def _chi2_sf(x, dof):
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
-                                         torch.tensor(x / 2, dtype=torch.float64)))
-
-
-def _pearson(observed, expected):
-    """(statistic, degrees of freedom) with the cells of expected count < 5 pooled into one."""
-    big = expected >= 5
-    o, e = observed[big].tolist(), expected[big].tolist()
-    if expected[~big].sum() > 0:
-        o.append(float(observed[~big].sum()))
-        e.append(float(expected[~big].sum()))
-    return sum((oi - ei) ** 2 / ei for oi, ei in zip(o, e)), len(e) - 1
-
-
 def p_value(counts, P):
     """The case's p-value: 9 x the least of the per-context tests and the pooled one (Bonferroni)."""
     if (counts * (P == 0)).sum() > 0:
@@ -133,11 +119,11 @@ def p_value(counts, P):
         n = counts[x].sum()
         if n == 0:
             continue
-        s, d = _pearson(counts[x], n * P[x])
+        s, d = pearson(counts[x], n * P[x])
         if d > 0:
-            ps.append(_chi2_sf(s, d))
+            ps.append(chi2_sf(s, d))
             stat, dof = stat + s, dof + d
-    ps.append(_chi2_sf(stat, dof))
+    ps.append(chi2_sf(stat, dof))
     return min(1.0, (V + 1) * min(ps))
 
 
@@ -145,7 +131,7 @@ def _chi2_isf(alpha, dof):
     lo, hi = 0.0, 1e4
     for _ in range(100):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _chi2_sf(mid, dof) > alpha else (lo, mid)
+        lo, hi = (mid, hi) if chi2_sf(mid, dof) > alpha else (lo, mid)
     return hi
 
 
@@ -154,7 +140,7 @@ def _ncx2_sf(x, dof, lam):
     total, j = 0.0, 0
     while True:
         w = math.exp(-lam / 2 + j * math.log(lam / 2) - math.lgamma(j + 1)) if lam > 0 else float(j == 0)
-        total += w * _chi2_sf(x, dof + 2 * j)
+        total += w * chi2_sf(x, dof + 2 * j)
         if j > lam / 2 and w < 1e-12:
             return total
         j += 1
