@@ -1,25 +1,22 @@
 """Speculative Speculative Decoding (SSD), the readable reference.
 
-Kumar, Dao & May, "Speculative Speculative Decoding" (arXiv 2603.03251, ICLR 2026); its optimized
-form is called Saguaro. Read this file top to bottom:
-
-  1. the model        a Llama-3 / Qwen3 family transformer that loads Hugging Face checkpoints
-  2. sampling         temperature, top-k / top-p, Saguaro's rescaling, and `verify`: the exact
-                      speculative-sampling rule every proposal goes through
-  3. decoding         AR (one target pass per token), SD (draft K tokens, verify them in one pass),
-                      SSD (while the target verifies, the draft pre-computes the next speculation
-                      for the likely verification outcomes, so a cache hit costs no drafting)
+Kumar, Dao & May, "Speculative Speculative Decoding" (arXiv 2603.03251, ICLR 2026); the optimized form is Saguaro.
+Read top to bottom:
+  1. the model     a Llama-3 / Qwen3 family transformer that loads Hugging Face checkpoints
+  2. sampling      temperature, top-k / top-p, Saguaro's rescaling, and `verify`: the exact rule every proposal passes
+  3. decoding      AR (one target pass per token), SD (draft K tokens, verify them in one pass), SSD (while the
+                   target verifies, the draft pre-computes the next speculation for the likely outcomes: a hit
+                   costs no drafting)
   4. generate()
   5. a small command line: python ssd.py --prompt "The capital of France is"
 
-Notation follows the paper: target p, draft q, lookahead K, recovery token r (sampled by the
-target after verification, not yet run through it), n = accepted draft tokens in a round (0..K).
+Notation follows the paper: target p, draft q, lookahead K, recovery token r (sampled by the target after
+verification, not yet run through it), n = accepted draft tokens in a round (0..K).
 
-In this reference the draft and the target run one after the other on one device; the round
-statistics time each part separately so you can see what the real system (ssd_fast.py) overlaps: in
-SSD the draft's glue pass and tree decode run *during* the verify. The reference also honours
-sliding-window attention, dynamic RoPE and partial rotary embeddings, which the fast engine refuses
-with a message (ssd_engine/fast_model.py, check_supported).
+Draft and target run one after the other on one device; each round times its parts, to show what the real system
+(ssd_fast.py) overlaps: in SSD the draft's glue pass and tree decode run *during* the verify. The reference also
+honours sliding-window attention, dynamic RoPE and partial rotary embeddings, which the fast engine refuses
+(ssd_engine/fast_model.py, check_supported).
 """
 from __future__ import annotations
 
@@ -76,7 +73,8 @@ class ModelConfig:
             raise ValueError("config: num_attention_heads must be a multiple of num_key_value_heads")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3", "yarn", "dynamic"):
-            raise ValueError(f"config: rope type '{rope_type}' is not supported (default, linear, llama3, yarn, dynamic are)")
+            raise ValueError(f"config: rope type '{rope_type}' is not supported "
+                             "(default, linear, llama3, yarn, dynamic are)")
 
     @classmethod
     def from_dict(cls, c: dict) -> "ModelConfig":
@@ -87,8 +85,7 @@ class ModelConfig:
                              f"({', '.join(SUPPORTED_ARCHITECTURES.values())})")
         if c.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config: hidden_act '{c['hidden_act']}' is not supported (only silu)")
-        # RoPE lives in `rope_theta` + `rope_scaling` (classic layout) or in `rope_parameters`
-        # (transformers 5), which holds the theta and the scaling together.
+        # RoPE: `rope_theta` + `rope_scaling` (classic), or `rope_parameters` holding both (transformers 5).
         rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
@@ -98,11 +95,11 @@ class ModelConfig:
             rope = None
         heads = c["num_attention_heads"]
         layer_types = c.get("layer_types")
-        window = c.get("sliding_window") if (c.get("use_sliding_window", False) and
-                                             c.get("sliding_window")) else None
+        window = c.get("sliding_window") if (c.get("use_sliding_window", False) and c.get("sliding_window")) else None
         if window and not layer_types:  # Qwen: sliding window on the layers from max_window_layers on
             first = c.get("max_window_layers", 0)
-            layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(c["num_hidden_layers"])]
+            layer_types = ["sliding_attention" if i >= first else "full_attention"
+                           for i in range(c["num_hidden_layers"])]
         if not window:
             layer_types = None
         eos = c.get("eos_token_id")
@@ -182,9 +179,9 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer, by *slot*. Main slots are positions (slot p holds token p);
-    SSD's tree branches use scratch slots past the main region, so their RoPE position and their
-    slot differ (the paper's decoupled positions). `lens[b]` = valid main slots of row b."""
+    """Keys and values of every layer, by *slot*. Main slots are positions (slot p holds token p); SSD's tree
+    branches use scratch slots past the main region, so their RoPE position and slot differ (the paper's decoupled
+    positions). `lens[b]` = valid main slots of row b."""
 
     def __init__(self, cfg: ModelConfig, batch: int, main_slots: int, scratch_slots: int = 0,
                  dtype=torch.float32, device="cpu"):
@@ -289,9 +286,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def forward(self, tokens, positions, cache: KVCache, slots, visible, keys_at=None) -> torch.Tensor:
-        """tokens, positions, slots: [B, T]; visible: bool [B, T, S], which of the cache slots `keys_at`
-        (default: the first S) each query may attend, its own slot included. Attention reads only those
-        slots, so its cost follows the tokens in use, not the cache's size. Returns float32 logits [B, T, V]."""
+        """tokens, positions, slots: [B, T]; visible: bool [B, T, S], which cache slots `keys_at` (default: the first
+        S) each query may attend, its own included. Attention reads only those slots, so its cost follows the tokens
+        in use, not the cache's size. Returns float32 logits [B, T, V]."""
         if keys_at is None:
             keys_at = torch.arange(visible.shape[-1], device=tokens.device)
         inv_freq, scale = self.inv_freq, self.attn_scale
@@ -307,8 +304,7 @@ class Transformer(nn.Module):
 
 
 def read_json(file: Path) -> dict:
-    """A checkpoint's JSON file (config.json, generation_config.json) as a dict; anything else is an error that
-    names the file."""
+    """A checkpoint's JSON file (config.json, generation_config.json) as a dict, or an error naming the file."""
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
@@ -344,8 +340,8 @@ def load_state_dict(path: Path) -> dict:
 
 
 def load_model(path, dtype=torch.float32, device="cpu", shared_embedding: torch.Tensor | None = None) -> Transformer:
-    """Load a Hugging Face checkpoint directory. `shared_embedding` is the target's embedding
-    matrix, for a draft that stores only a projection of it (see models/smollm2-draft)."""
+    """Load a Hugging Face checkpoint directory. `shared_embedding`: the target's embedding matrix, for a draft that
+    stores only a projection of it (models/smollm2-draft)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"model path {path} does not exist (pass a checkpoint directory)")
@@ -381,8 +377,7 @@ def load_model(path, dtype=torch.float32, device="cpu", shared_embedding: torch.
 
 @dataclass
 class Sampling:
-    """How tokens are drawn. `temperature` may differ per row (a list); 0 means greedy.
-    top-k / top-p filter the logits the same way for the target p and the draft q."""
+    """Temperatures per row (0 = greedy); top-k / top-p filter the target's p and the draft's q alike."""
     temperature: list
     draft_temperature: list
     top_k: int = 0
@@ -390,8 +385,8 @@ class Sampling:
 
 
 def to_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """logits [..., V] -> probabilities. A row with temperature 0 becomes one-hot on its argmax,
-    so greedy decoding is the T -> 0 limit of the same rule (no special case in `verify`)."""
+    """logits [..., V] -> probabilities. A row at temperature 0 becomes one-hot on its argmax: greedy decoding is
+    the T -> 0 limit of the same rule (no special case in `verify`)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -408,10 +403,9 @@ def to_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: int = 0, to
 
 
 def saguaro_rescale(q: torch.Tensor, fan_out: int, c: float) -> torch.Tensor:
-    """Saguaro sampling (paper, section 4.2): scale the draft's top-(F+1) probabilities by C <= 1.
-    A rejection then samples from max(0, p - q'), which puts more mass on those top tokens, which
-    are the ones the speculation cache holds: a higher hit rate for a little acceptance.
-    It stays exact because `verify` uses this same q' (the tokens are sampled from q')."""
+    """Saguaro sampling (paper, section 4.2): scale the draft's top-(F+1) probabilities by C <= 1. A rejection then
+    samples max(0, p - q'), with more mass on those top tokens, the ones the speculation cache holds: a higher hit
+    rate for a little acceptance. Exact, because `verify` uses this same q' (the tokens are sampled from q')."""
     if c >= 1.0 or fan_out <= 0:
         return q
     top = q.topk(min(fan_out + 1, q.shape[-1]), dim=-1).indices
@@ -426,35 +420,30 @@ def exponential_noise(shape, gen: torch.Generator, device="cpu") -> torch.Tensor
 
 
 def sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One token per row by the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. is
-    distributed as p (min_i E_i / p_i is the first arrival of independent clocks of rates p_i).
-    The fast engine's sampling kernel computes the same argmax."""
+    """One token per row by the exponential race: argmax_i p_i / E_i, E_i ~ Exp(1) i.i.d., is distributed as p
+    (min_i E_i / p_i is the first arrival of independent clocks of rates p_i); the engine's kernel computes the same."""
     flat = probs.reshape(-1, probs.shape[-1]).float()
     noise = exponential_noise(flat.shape, gen, flat.device)
     scores = torch.where(flat > 0, flat / noise, torch.full_like(flat, -1.0))
     return scores.argmax(-1).reshape(probs.shape[:-1])
 
 
-def draft_sample(logits: torch.Tensor, temperature: torch.Tensor, opts, fan_out: int, c: float,
-                 gen: torch.Generator):
-    """The draft's proposal at one position: q' (its probabilities, Saguaro-rescaled when C < 1) and a
-    token drawn from q'. Exactness needs the verifier to use this very q' (same temperature, same
-    rescaling): return both together so they cannot drift apart."""
+def draft_sample(logits: torch.Tensor, temperature: torch.Tensor, opts, fan_out: int, c: float, gen: torch.Generator):
+    """The draft's proposal at one position: a token and the q' it was drawn from (Saguaro-rescaled when C < 1),
+    returned together because exactness needs the verifier to use this very q'."""
     q = saguaro_rescale(to_probs(logits, temperature, opts.top_k, opts.top_p), fan_out, c)
     return sample(q, gen), q
 
 
 def deterministic_q(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """The q that `verify` needs for proposals that were not sampled (the cheap backup): one-hot.
-    Then a token x is accepted with probability p(x), and a rejection samples p without x."""
+    """The q `verify` needs for proposals that were not sampled (the cheap backup): one-hot. Then a token x is
+    accepted with probability p(x), and a rejection samples p without x."""
     return F.one_hot(tokens, vocab_size).float()
 
 
-# Random streams. Every sampling site draws from its own generator, seeded from the user's seed by
-# a derivation: the verifier's uniforms and recovery noise ("target") must be independent of the
-# draws that made the proposals ("draft": SD and the speculation tree; "backup": SSD's jit backup).
-# Two generators seeded alike advance in lockstep, so the draft's noise and the verifier's uniforms
-# would be the same numbers (what `torch.manual_seed` does to every GPU), and the output biased.
+# Random streams: each sampling site has its own generator, its seed derived from the user's. The verifier's draws
+# ("target") must be independent of those that made the proposals ("draft": SD and the tree; "backup": SSD's jit
+# backup): generators seeded alike (as `torch.manual_seed` seeds every GPU) give the same numbers, a biased output.
 SITES = ("target", "draft", "backup")
 
 
@@ -477,21 +466,17 @@ def acceptance_prob(p_s: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The distribution a rejection samples from: normalize(max(0, p - q)). If p - q has no
-    positive mass then p <= q everywhere, so p == q and no rejection can happen: return p."""
+    """A rejection samples normalize(max(0, p - q)). If p - q has no positive mass, p == q and no rejection can
+    happen: return p."""
     r = (p - q).clamp_min(0)
     r = torch.where(r.sum(-1, keepdim=True) > 0, r, p)
     return r / r.sum(-1, keepdim=True)
 
 
 def verify(p: torch.Tensor, q: torch.Tensor, proposal: torch.Tensor, gen: torch.Generator):
-    """Exact speculative sampling (Leviathan et al. 2023, Alg. 1; Chen et al. 2023, Thm. 1).
-
-    p: target probabilities [B, K+1, V] at the positions after r, s1..sK; q: the draft
-    probabilities [B, K, V] the proposals s [B, K] were sampled from. A deterministic proposal
-    (the cheap backup) passes q = one-hot(s): then the rule accepts s with probability p(s) and
-    otherwise samples from p with s removed, which is exact too. Returns (n [B], new r [B]).
-    """
+    """Exact speculative sampling (Leviathan et al. 2023, Alg. 1; Chen et al. 2023, Thm. 1). p: target probabilities
+    [B, K+1, V] after r, s1..sK; q [B, K, V]: what the proposals s [B, K] were sampled from (one-hot for the cheap
+    backup's deterministic ones, see deterministic_q). Returns (n [B], new r [B])."""
     B, K = proposal.shape
     p_s = p[:, :K].gather(-1, proposal[..., None])[..., 0]
     q_s = q.gather(-1, proposal[..., None])[..., 0]
@@ -508,9 +493,8 @@ def verify(p: torch.Tensor, q: torch.Tensor, proposal: torch.Tensor, gen: torch.
 # ---------------------------------------------------------------------------------------------
 
 def extend(model: Transformer, cache: KVCache, new_tokens: list[list[int]]) -> torch.Tensor:
-    """Run each row's new tokens at positions lens[b], lens[b]+1, ... (ragged rows are right-padded;
-    a pad writes a slot past the row's end that is rewritten before anything attends to it).
-    Advances lens and returns logits [B, T, V]."""
+    """Run each row's new tokens at positions lens[b], lens[b]+1, ..., advance lens, return logits [B, T, V]. Ragged
+    rows are right-padded: a pad writes a slot past the row's end, rewritten before anything attends to it."""
     B, T = len(new_tokens), max(len(t) for t in new_tokens)
     dev = model.device
     tokens = torch.tensor([t + [t[-1] if t else 0] * (T - len(t)) for t in new_tokens], device=dev)
@@ -551,8 +535,8 @@ class Timer:
 
 @dataclass
 class State:
-    """The batch being decoded. tokens[b] = prompt + generated so far; its last token is the
-    current recovery token r (sampled, not yet run through the target)."""
+    """The batch: tokens[b] = prompt + generated so far, ending with the recovery token r (not yet run through the
+    target)."""
     tokens: list
     prompt_lens: list
     done: list
@@ -562,8 +546,8 @@ class State:
 
 
 def draft_steps(draft, cache, first_tokens, k, sampling_t, opts, gen, fan_outs=None, c=1.0):
-    """The draft proposes k tokens per row, one forward each (used by SD and by SSD's jit backup).
-    first_tokens[b] are the row's tokens the draft has not seen yet (ending with r)."""
+    """The draft proposes k tokens per row, one forward each (SD, SSD's jit backup); first_tokens[b]: the row's tokens
+    the draft has not seen yet (ending with r)."""
     logits = last_logits(extend(draft, cache, first_tokens), first_tokens)
     tokens, qs = [], []
     for i in range(k):
@@ -585,9 +569,8 @@ def target_verify(target, state, proposal, q, sampling_t, opts, gen):
 
 
 def commit(state: State, proposal, n, r_new, max_new_tokens, eos_ids, context_limit, k):
-    """Append r's accepted continuation s1..sn and the new recovery token; roll the caches back to
-    the accepted prefix (just a length: stale slots are never visible and get rewritten).
-    Finished rows stay frozen: they are still computed with the batch but nothing is kept."""
+    """Append s1..sn and the new r; roll the caches back to the accepted prefix (a length: stale slots are never
+    visible and get rewritten). Finished rows ride along frozen: computed with the batch, nothing kept."""
     for b in range(len(state.tokens)):
         m = len(state.tokens[b])                 # r sits at position m-1
         n_b = 0 if state.done[b] else int(n[b])
@@ -629,13 +612,14 @@ def ar_round(state, target, draft, opts, ctx):
         new = [[t[-1]] for t in state.tokens]
         logits = extend(target, state.target_cache, new)[:, -1]
         r_new = sample(to_probs(logits, ctx.t, opts.top_k, opts.top_p), ctx.rng["target"])
-    commit(state, torch.zeros(len(new), 0, dtype=torch.long), torch.zeros(len(new), dtype=torch.long), r_new, *ctx.limits(0))
+    commit(state, torch.zeros(len(new), 0, dtype=torch.long), torch.zeros(len(new), dtype=torch.long), r_new,
+           *ctx.limits(0))
     return stats
 
 
 def sd_round(state, target, draft, opts, ctx):
-    """Speculative decoding: the draft proposes K tokens (K small draft passes), then the target
-    checks all of them in one pass. The draft waits for the target and the target for the draft."""
+    """Speculative decoding: the draft proposes K tokens (K small passes), the target checks them in one pass.
+    The draft waits for the target and the target for the draft."""
     stats = RoundStats(accepted=[])
     with Timer(stats, "draft"):
         unseen = [t[state.draft_cache.lens[b]:] for b, t in enumerate(state.tokens)]
@@ -650,11 +634,9 @@ def sd_round(state, target, draft, opts, ctx):
 # --- SSD ---------------------------------------------------------------------------------------
 
 def geometric_fan_out(k: int, budget: int, accept_rate: float, miss_exponent: float = 1.0) -> list[int]:
-    """Saguaro's fan-out (paper, section 4.1, Thm. 2). The round ends with n = j accepted with
-    probability a^j (1-a) for j < K and a^K for j = K. With a power-law miss model
-    P(miss | F) = F^-r, the budget B = sum F_j is best spent geometrically:
-    F_j ∝ a^(j/(1+r)) for j < K, and F_K ∝ a^(K/(1+r)) (1-a)^(-1/(1+r)).
-    Rounded to integers with the budget kept (largest remainders first)."""
+    """Saguaro's fan-out (paper, section 4.1, Thm. 2). A round accepts n = j with probability a^j (1-a) for j < K,
+    a^K for j = K. With a power-law miss model P(miss | F) = F^-r, the budget B = sum F_j is best spent geometrically:
+    F_j ∝ a^(j/(1+r)) for j < K, F_K ∝ a^(K/(1+r)) (1-a)^(-1/(1+r)); rounded keeping the budget (largest remainders)."""
     a = min(max(accept_rate, 1e-3), 1 - 1e-3)
     w = [a ** (j / (1 + miss_exponent)) for j in range(k + 1)]
     w[k] *= (1 - a) ** (-1 / (1 + miss_exponent))
@@ -666,8 +648,8 @@ def geometric_fan_out(k: int, budget: int, accept_rate: float, miss_exponent: fl
 
 
 def ngram_proposal(tokens: list[int], k: int) -> list[int]:
-    """The cheap deterministic backup (prompt lookup): find the latest earlier occurrence of the
-    last token and propose what followed it; repeat the last token where nothing follows."""
+    """The cheap deterministic backup (prompt lookup): what followed the latest earlier occurrence of the last token,
+    padded by repeating the last token."""
     last = tokens[-1]
     for start in range(len(tokens) - 2, -1, -1):
         if tokens[start] == last:
@@ -687,17 +669,15 @@ class SpeculationCache:
 
 
 def choose_backup(batch: int, est) -> str:
-    """Batch-aware backup (paper, section 4.3). On a miss the jit backup runs K draft steps before
-    the target can verify; the whole batch waits if *any* row misses, which happens with
-    probability 1 - h^b. The cheap backup never waits but its proposals are rarely accepted.
-    Pick the one with more expected tokens per second. The costs are fixed for a run (ssd_fast.py
-    measures them once per batch size; here the draft/target parameter ratio stands in), so the
-    choice depends only on what the run has seen: a seed reproduces a run."""
+    """Batch-aware backup (paper, section 4.3): the one with more expected tokens per second. On a miss the jit backup
+    runs K draft steps before the verify, and the batch waits if *any* row misses (probability 1 - h^b); the cheap
+    one never waits but is rarely accepted. Costs are fixed for a run (ssd_fast.py measures them per batch size; here
+    the draft/target parameter ratio stands in), so the choice depends only on the run: a seed reproduces it."""
     h, a, k = est.hit_rate, est.accept_rate, est.k
     t_verify = est.t_verify or 1.0
     t_jit = est.t_jit or est.jit_cost_ratio * t_verify
     tokens_draft = (1 - a ** (k + 1)) / (1 - a)               # E[tokens per round] with draft proposals
-    waits = 1.0 if est.jit_always else 1 - h ** batch           # a jit backup launched every round costs every round
+    waits = 1.0 if est.jit_always else 1 - h ** batch           # a jit launched every round costs every round
     jit = tokens_draft / (t_verify + waits * t_jit)
     cheap = (h * tokens_draft + (1 - h) * est.tokens_cheap) / t_verify
     return "jit" if jit >= cheap else "fast"
@@ -712,8 +692,7 @@ class Estimates:
     t_verify: float | None = None       # seconds, when measured
     t_jit: float | None = None
     jit_cost_ratio: float = 1.0         # t_jit / t_verify when not measured
-    jit_always: bool = False            # the jit backup runs in every round, hit or not (ssd_fast: a CUDA graph
-                                        # without conditional nodes keeps its result only where a row missed)
+    jit_always: bool = False            # jit runs every round, kept only where a row missed (ssd_fast's CUDA graph)
     tokens_cheap: float = 1.2
     accepted: float = 2.8               # pseudo-counts: the prior a = 0.7 weighs as 4 trials
     trials: float = 4.0
@@ -735,8 +714,8 @@ class Estimates:
 
 
 def ssd_round(state, target, draft, opts, ctx):
-    """One SSD round. Steps 1-2 are the handshake; in the real system step 4 runs on the draft's
-    GPU *during* step 3, so on a hit the round costs max(verify, glue + tree), not their sum."""
+    """One SSD round. In the real system step 4 runs on the draft's GPU *during* step 3, so on a hit the round costs
+    max(verify, glue + tree), not their sum."""
     B, K, est = len(state.tokens), ctx.k, ctx.est
     stats = RoundStats(accepted=[], hit=[])
     fan = ctx.fan_out or geometric_fan_out(K, ctx.fan_out_budget, est.accept_rate, ctx.miss_exponent)
@@ -781,14 +760,13 @@ def build_speculation_cache(state, draft, proposal, fan, opts, ctx, stats):
     B, K, cache = len(state.tokens), ctx.k, state.draft_cache
     trunk = list(cache.lens)                       # row b: draft KV valid for positions < trunk[b]
     with Timer(stats, "glue"):
-        # Glue pass: the draft reads [r, s1..sK] once. It writes the draft KV for those positions,
-        # so whatever prefix the target accepts, the draft KV is already right; and row j of its
-        # output is the draft's guess at the recovery token if exactly j tokens are accepted.
+        # Glue pass: the draft reads [r, s1..sK] once, so its KV is right whatever prefix the target accepts; row j
+        # of its output is the draft's guess at the recovery token if exactly j tokens are accepted.
         glue = extend(draft, cache, [[t[-1]] + proposal[b].tolist() for b, t in enumerate(state.tokens)])
     with Timer(stats, "tree"):
-        # Fork: for outcome n = j, the top-F_j tokens of glue row j are the likely recovery tokens.
-        # For j < K, s_{j+1} is excluded: had the target sampled it, it would have been accepted.
-        # Candidates are picked deterministically: they condition the cache, they are not proposals.
+        # Fork: for outcome n = j, the top-F_j tokens of glue row j are the likely recovery tokens; for j < K, s_{j+1}
+        # is excluded (had the target sampled it, it would have been accepted). Picked deterministically: candidates
+        # condition the cache, they are not proposals.
         scores = glue.clone()
         scores[:, :K].scatter_(-1, proposal[..., None], float("-inf"))
         fan = [min(f, scores.shape[-1] - 1) for f in fan]          # tiny vocabularies
@@ -802,10 +780,9 @@ def build_speculation_cache(state, draft, proposal, fan, opts, ctx, stats):
 
 
 def tree_decode(draft, cache, trunk, branch_j, cand, fan, opts, ctx):
-    """Decode K tokens for every branch (j, candidate): K batched draft forwards over all
-    N = sum F_j branches. Branch i's RoPE positions continue its outcome (P + j + 1 + depth, P the
-    position of r), but its KV goes to its own scratch slots, so branches never collide. It
-    attends to the trunk, the glue tokens r, s1..sj, and its own chain."""
+    """K tokens for every branch (j, candidate): K batched draft forwards over all N = sum F_j branches. A branch's
+    RoPE positions continue its outcome (P + j + 1 + depth, P the position of r) but its KV goes to its own scratch
+    slots, so branches never collide; it attends to the trunk, the glue tokens r, s1..sj, and its own chain."""
     B, N, K, dev = cand.shape[0], cand.shape[1], ctx.k, draft.device
     base = torch.tensor(trunk, device=dev)[:, None]                 # position of r per row
     scratch = cache.main_slots + torch.arange(N, device=dev)[:, None] * K  # [N, 1] first slot
@@ -820,8 +797,7 @@ def tree_decode(draft, cache, trunk, branch_j, cand, fan, opts, ctx):
         own = (slot_ids[None] >= scratch) & (slot_ids[None] <= scratch + depth)       # [N, S]
         visible = (sees_glue & (slot_ids < cache.main_slots)) | own[None]
         logits = draft(tokens, positions, cache, slots, visible, slot_ids)
-        # Saguaro sampling: a token at depth d is proposal d+1; if rejected, outcome n = d decides
-        # the next key, so downweight the draft's top-(F_d + 1).
+        # Saguaro sampling: depth d is proposal d+1; if it is rejected, outcome n = d keys the next round: F_d.
         tokens, q = draft_sample(logits, ctx.t_draft, opts, fan[depth], ctx.c, ctx.rng["draft"])
         out_tokens.append(tokens)
         out_q.append(q)
@@ -829,7 +805,7 @@ def tree_decode(draft, cache, trunk, branch_j, cand, fan, opts, ctx):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. generate() and the command line
+# 4. generate()
 # ---------------------------------------------------------------------------------------------
 
 ROUNDS = {"ar": ar_round, "sd": sd_round, "ssd": ssd_round}
@@ -923,9 +899,8 @@ class Request:
 
 @dataclass(frozen=True)
 class Settings:
-    """How to decode: generate's keywords as one object, checked at construction with a message that says what to
-    do (the checks that need the models or prompts, like the context window, are make_request's). Pass one to
-    generate / ssd_fast.Engine.generate as `settings=`, or the same names as keywords (they override it)."""
+    """How to decode, checked at construction (checks needing the models or prompts are make_request's). Pass one to
+    generate / ssd_fast.Engine.generate as `settings=`, or its fields as keywords (they override it)."""
     mode: str = "ar"                    # ar | sd | ssd (the fast engine also takes "auto" at the command line)
     k: int | str = 4                    # lookahead K: draft tokens per round ("auto": ssd_fast measures)
     temperature: float | list = 0.0     # per row or for all; 0 = greedy
@@ -1013,17 +988,9 @@ def make_request(target, prompts, draft=None, settings: Settings | None = None, 
 @torch.no_grad()
 def generate(target: Transformer, prompts, draft: Transformer | None = None, settings: Settings | None = None,
              on_round=None, **kw) -> GenerationResult:
-    """Generate from one prompt (a list of token ids) or a batch (a list of lists, any lengths), decoding as
-    `settings` says (a Settings, or its fields as keywords: mode "ar" | "sd" | "ssd", k, temperature, ...).
-
-    mode "ar" | "sd" | "ssd"; k: draft tokens per round; temperature (and draft_temperature,
-    default the same) per row or for all; top_k / top_p apply to target and draft alike;
-    fan_out: "auto" (geometric, from the running acceptance estimate, budget `fan_out_budget`,
-    default 4(K+1)) or an int per outcome or a list of K+1 ints; saguaro_c in (0, 1];
-    backup: "auto" (by batch size and measured costs) | "jit" | "fast".
-    `on_round(tokens_so_far, stats)` is called after every round (for streaming); it may return the
-    rows to stop now (e.g. a stop string appeared), which finish with reason "stop". Ctrl-C ends
-    the generation cleanly: unfinished rows keep their tokens and finish with "interrupted"."""
+    """Generate from one prompt (token ids) or a batch (lists, any lengths), decoding as `settings` says (a Settings,
+    or its fields as keywords). `on_round(tokens_so_far, stats)` runs after every round (streaming); it may return
+    rows to stop now (finish reason "stop"). Ctrl-C ends cleanly: unfinished rows keep their tokens ("interrupted")."""
     s = Settings.of(settings, **kw)
     req = make_request(target, prompts, draft, s)
     mode, k, top_k, top_p, seed = s.mode, s.k, s.top_k, s.top_p, s.seed
@@ -1031,8 +998,7 @@ def generate(target: Transformer, prompts, draft: Transformer | None = None, set
     batch_prompts, B, k_used, eos, context_limit = req.prompts, len(req.prompts), req.k_used, req.eos, req.context_limit
     rng = random_streams(seed)        # one generator per sampling site (see SITES)
     scratch = (sum(req.fan) if req.fan else req.budget) * k if mode == "ssd" else 0
-    # A finished row still rides along with the batch (its results are discarded) and writes up to
-    # K + 1 positions past its last token: the caches have that many spare slots.
+    # A finished row rides along, writing up to K + 1 positions past its last token: the caches have spare slots.
     slots = context_limit + k_used + 1
 
     # Prefill: each model reads the whole prompt; the target samples the first token (the first r).
@@ -1050,7 +1016,8 @@ def generate(target: Transformer, prompts, draft: Transformer | None = None, set
                   eos_ids=eos, context_limit=context_limit, est=Estimates(k=k), cache=SpeculationCache(B),
                   last_n=[0] * B)
     if draft is not None:  # the jit backup's cost: K draft steps, priced by parameter count
-        ctx.est.jit_cost_ratio = k * sum(p.numel() for p in draft.parameters()) / sum(p.numel() for p in target.parameters())
+        ctx.est.jit_cost_ratio = (k * sum(p.numel() for p in draft.parameters())
+                                  / sum(p.numel() for p in target.parameters()))
     for b in range(B):
         state.tokens[b].append(int(first[b]))
         finish_check(state, b, max_new_tokens, eos, context_limit, k_used)
