@@ -495,8 +495,7 @@ def verify(p: torch.Tensor, q: torch.Tensor, proposal: torch.Tensor, gen: torch.
 def extend(model: Transformer, cache: KVCache, new_tokens: list[list[int]]) -> torch.Tensor:
     """Run each row's new tokens at positions lens[b], lens[b]+1, ..., advance lens, return logits [B, T, V]. Ragged
     rows are right-padded: a pad writes a slot past the row's end, rewritten before anything attends to it."""
-    B, T = len(new_tokens), max(len(t) for t in new_tokens)
-    dev = model.device
+    T, dev = max(len(t) for t in new_tokens), model.device
     tokens = torch.tensor([t + [t[-1] if t else 0] * (T - len(t)) for t in new_tokens], device=dev)
     positions = torch.tensor(cache.lens, device=dev)[:, None] + torch.arange(T, device=dev)
     S = int(positions.max()) + 1
@@ -717,16 +716,14 @@ def ssd_round(state, target, draft, opts, ctx):
     """One SSD round. In the real system step 4 runs on the draft's GPU *during* step 3, so on a hit the round costs
     max(verify, glue + tree), not their sum."""
     B, K, est = len(state.tokens), ctx.k, ctx.est
-    stats = RoundStats(accepted=[], hit=[])
     fan = ctx.fan_out or geometric_fan_out(K, ctx.fan_out_budget, est.accept_rate, ctx.miss_exponent)
-    stats.fan_out = fan
+    stats = RoundStats(accepted=[], hit=[], fan_out=fan)
     # 1. Handshake: the outcome key of the last round, (n, r), looked up in the speculation cache.
     with Timer(stats, "lookup"):
         found = [ctx.cache.lookup(b, ctx.last_n[b], state.tokens[b][-1]) for b in range(B)]
         stats.hit = [f is not None for f in found]
     # 2. Misses get a backup proposal: jit (draft decodes K tokens now) or a cheap one (n-gram).
-    proposal = torch.zeros(B, K, dtype=torch.long)
-    q = torch.zeros(B, K, target.cfg.vocab_size)
+    proposal, q = torch.zeros(B, K, dtype=torch.long), torch.zeros(B, K, target.cfg.vocab_size)
     for b, f in enumerate(found):
         if f is not None:
             proposal[b], q[b] = f
@@ -993,13 +990,11 @@ def generate(target: Transformer, prompts, draft: Transformer | None = None, set
     rows to stop now (finish reason "stop"). Ctrl-C ends cleanly: unfinished rows keep their tokens ("interrupted")."""
     s = Settings.of(settings, **kw)
     req = make_request(target, prompts, draft, s)
-    mode, k, top_k, top_p, seed = s.mode, s.k, s.top_k, s.top_p, s.seed
-    saguaro_c, backup, miss_exponent, max_new_tokens = s.saguaro_c, s.backup, s.miss_exponent, s.max_new_tokens
-    batch_prompts, B, k_used, eos, context_limit = req.prompts, len(req.prompts), req.k_used, req.eos, req.context_limit
-    rng = random_streams(seed)        # one generator per sampling site (see SITES)
+    mode, k, batch_prompts, B = s.mode, s.k, req.prompts, len(req.prompts)
+    rng = random_streams(s.seed)        # one generator per sampling site (see SITES)
     scratch = (sum(req.fan) if req.fan else req.budget) * k if mode == "ssd" else 0
     # A finished row rides along, writing up to K + 1 positions past its last token: the caches have spare slots.
-    slots = context_limit + k_used + 1
+    slots = req.context_limit + req.k_used + 1
 
     # Prefill: each model reads the whole prompt; the target samples the first token (the first r).
     t0 = time.perf_counter()
@@ -1009,18 +1004,18 @@ def generate(target: Transformer, prompts, draft: Transformer | None = None, set
     if draft is not None and mode != "ar":
         state.draft_cache = draft.new_cache(B, slots, scratch)
         extend(draft, state.draft_cache, batch_prompts)
-    first = sample(to_probs(logits, req.t, top_k, top_p), rng["target"])
-    opts = Sampling(temperature=req.t.tolist(), draft_temperature=req.t_draft.tolist(), top_k=top_k, top_p=top_p)
+    first = sample(to_probs(logits, req.t, s.top_k, s.top_p), rng["target"])
+    opts = Sampling(temperature=req.t.tolist(), draft_temperature=req.t_draft.tolist(), top_k=s.top_k, top_p=s.top_p)
     ctx = Context(k=k, t=req.t, t_draft=req.t_draft, rng=rng, fan_out=req.fan, fan_out_budget=req.budget,
-                  miss_exponent=miss_exponent, c=saguaro_c, backup=backup, max_new_tokens=max_new_tokens,
-                  eos_ids=eos, context_limit=context_limit, est=Estimates(k=k), cache=SpeculationCache(B),
+                  miss_exponent=s.miss_exponent, c=s.saguaro_c, backup=s.backup, max_new_tokens=s.max_new_tokens,
+                  eos_ids=req.eos, context_limit=req.context_limit, est=Estimates(k=k), cache=SpeculationCache(B),
                   last_n=[0] * B)
     if draft is not None:  # the jit backup's cost: K draft steps, priced by parameter count
         ctx.est.jit_cost_ratio = (k * sum(p.numel() for p in draft.parameters())
                                   / sum(p.numel() for p in target.parameters()))
     for b in range(B):
         state.tokens[b].append(int(first[b]))
-        finish_check(state, b, max_new_tokens, eos, context_limit, k_used)
+        finish_check(state, b, *ctx.limits(req.k_used))
     prefill_time = time.perf_counter() - t0
 
     rounds = []
@@ -1036,7 +1031,7 @@ def generate(target: Transformer, prompts, draft: Transformer | None = None, set
     except KeyboardInterrupt:  # Ctrl-C: keep what was generated
         stop_rows(state, [b for b in range(B) if not state.done[b]], "interrupted")
     return GenerationResult(tokens=[t[p:] for t, p in zip(state.tokens, state.prompt_lens)],
-                            finish_reasons=state.finish, rounds=rounds, mode=mode, k=k_used,
+                            finish_reasons=state.finish, rounds=rounds, mode=mode, k=req.k_used,
                             prefill_time=prefill_time)
 
 
