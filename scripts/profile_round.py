@@ -41,10 +41,10 @@ SYSTEMS = ("ar", "sd", "ssd", "ssd_seq")
 def bare_verify(engine, k: int, batch: int) -> float:
     """Seconds of the target's forward over K + 1 positions (a CUDA graph replay where graphs run)."""
     Bb = fast_model.bucket(batch)
-    tc = engine._cache(engine.target, "target", Bb)
+    tc = engine.cache(engine.target, "target", Bb)
     pos = (tc.slots - k - 2 + torch.arange(k + 1, device=engine.device))[None].expand(Bb, -1).contiguous()
     tok = torch.zeros_like(pos)
-    return engine._time(lambda: engine.t_run.step(tc, tok, pos), reps=30)
+    return engine.time(lambda: engine.t_run.step(tc, tok, pos), reps=30)
 
 
 def measure(engine, prompts, kw) -> dict:

@@ -174,8 +174,11 @@ class SSDRound:
         m1 = batch.base(st, self.req, self.eng.tc.slots)
         self.m1.copy_(m1)
         self.r.copy_(st.hist.gather(1, m1[:, None]))
-        key = torch.cat([st.last_n[:, None], self.r], 1).to(dd)
-        match = (self.spec_j == key[:, :1]) & (self.spec_cand == key[:, 1:])
+        last_n, r = st.last_n[:, None], self.r
+        if self.split:   # the key to the draft's device, in one copy
+            key = torch.cat([last_n, r], 1).to(dd)
+            last_n, r = key[:, :1], key[:, 1:]
+        match = (self.spec_j == last_n) & (self.spec_cand == r)
         idx = match.int().argmax(1)
         rows = torch.arange(self.Bb, device=dd)
         hit, chain, q = self._on_target(match.any(1), self.spec_chains[rows, idx],
@@ -193,19 +196,20 @@ class SSDRound:
     def jit_into_buffers(self, fan):
         """K draft steps from r (site "backup"), on the draft's device, into jit_s (and jit_q). The first step also
         re-reads the token before r, so a row whose last round accepted all K needs no catch-up pass."""
-        self.d_two.copy_(self.st.hist.gather(1, torch.stack([self.m1 - 1, self.m1], 1)))
-        if self.split:
-            self.d_m1.copy_(self.m1)
-        if self.layout == "worker":   # a graph of its own on the draft's device
+        pos = torch.stack([self.m1 - 1, self.m1], 1)
+        if self.layout == "worker":   # a graph of its own on the draft's device: its inputs copied there first
+            self.d_two.copy_(self.st.hist.gather(1, pos))
+            if self.split:
+                self.d_m1.copy_(self.m1)
             key = ("ssd-jit", id(self), self.graph_key("jit", fan, False))
-            self.eng.d_run.run(key, lambda: self._jit_steps(fan))
+            self.eng.d_run.run(key, lambda: self._jit_steps(fan, self.d_two))
         else:
-            self._jit_steps(fan)
+            self._jit_steps(fan, self.st.hist.gather(1, pos))
         return self.jit_s, self.jit_q
 
-    def _jit_steps(self, fan):
+    def _jit_steps(self, fan, tokens):
         eng, m1 = self.eng, self.d_m1
-        pos, tokens = torch.stack([m1 - 1, m1], 1), self.d_two
+        pos = torch.stack([m1 - 1, m1], 1)
         for i in range(self.k):
             logits = eng.draft.forward(tokens, pos, eng.dc)[:, -1]
             s, q = self.draft_token(logits, i, fan, "backup")

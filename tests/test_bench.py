@@ -352,3 +352,13 @@ def test_tensor_parallel_grid_smoke(tmp_path):
 def bench_module():
     import bench
     return bench
+
+
+def test_profile_round_smoke(tmp_path):
+    """scripts/profile_round.py (how the GPU's rounds are compared with a baseline) runs AR, SD and SSD side by side on
+    the tiny pair, on a CPU: a renamed engine attribute fails here, not on a GPU."""
+    import profile_round
+    profile_round.main(["--pair", "tiny", "--ks", "2", "--temperatures", "0", "--systems", "ar,sd,ssd", "--prompts", "1",
+                        "--new-tokens", "8", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "profile_round.json").read_text())["rows"]
+    assert [r["system"] for r in rows] == ["ar", "sd", "ssd"] and all(r["tok_s"] > 0 for r in rows)
