@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace   # what ssd.make_request reads of a model, before any weights load: its config
 
 # torch, ssd and the engine are imported where they are used, so that --help and a bad flag answer at once
 
@@ -140,7 +141,6 @@ def _tp_placement(args, tp, device, first, count, torch) -> Placement:
     return Placement(target=device, draft=draft, dtype=dtype, note=note, tp=tp)
 
 
-
 def cpu_threads(requested, torch) -> int:
     """--threads, else $OMP_NUM_THREADS (torch already follows it), else half the usable cores, at most 4: decoding
     a batch of one is a chain of small products that gains little from more threads, and threads that find no
@@ -155,7 +155,6 @@ def cpu_threads(requested, torch) -> int:
     except AttributeError:      # not on Linux
         cores = os.cpu_count() or 1
     return max(1, min(4, cores // 2, torch.get_num_threads()))
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,14 +377,6 @@ def load_tokenizer(directory: Path):
         raise
 
 
-
-class _Spec:
-    """What ssd.make_request needs of a model: its config (checked before any weights load)."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-
 # ---------------------------------------------------------------------------------------------
 # boot: flags -> a warm engine
 # ---------------------------------------------------------------------------------------------
@@ -481,7 +472,7 @@ def _settle_mode(args, placement, target_cfg, draft_cfg, rows, log):
     unusable = None
     if draft_cfg is not None:       # a draft of another vocabulary cannot speculate: AR, and say why
         try:
-            ssd.check_compatible(_Spec(target_cfg), _Spec(draft_cfg))
+            ssd.check_compatible(SimpleNamespace(cfg=target_cfg), SimpleNamespace(cfg=draft_cfg))
         except ValueError as e:
             unusable = str(e)
     settle_auto_mode(args, placement.target != "cpu", target_cfg, draft_cfg, rows, log, graphs=one_graph,
@@ -495,7 +486,7 @@ def _preflight(args, target_dir, target_cfg, draft_cfg, prompts):
     """The tokenizer, the chat choice, the prompts' ids and generate's settings, the whole request checked by
     ssd.make_request before any weights are read."""
     import ssd
-    spec_t, spec_d = _Spec(target_cfg), (_Spec(draft_cfg) if draft_cfg else None)
+    spec_t, spec_d = SimpleNamespace(cfg=target_cfg), (SimpleNamespace(cfg=draft_cfg) if draft_cfg else None)
     if spec_d is not None:
         ssd.check_compatible(spec_t, spec_d)
     tok = load_tokenizer(target_dir)

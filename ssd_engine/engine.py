@@ -4,6 +4,7 @@ rounds (rounds.py for AR and SD, ssd_round.py for SSD). ssd_fast.py is its front
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace   # what ssd.make_request reads of a model: its config
 
 import torch
 
@@ -149,7 +150,8 @@ class Engine:
         if mode == "ssd" and s.fan_out == "auto" and s.fan_out_budget is None:
             hides = self.layout == "graph" and self.use_graphs and self.concurrent
             s = ssd.Settings.of(s, fan_out_budget=policy.ssd_budget(s.k, hides))
-        req = ssd.make_request(_Configs(self.target.cfg), prompts, _Configs(self.draft.cfg) if self.draft else None,
+        req = ssd.make_request(SimpleNamespace(cfg=self.target.cfg), prompts,
+                               SimpleNamespace(cfg=self.draft.cfg) if self.draft else None,
                                s, max_context=self.max_seq)
         for site, gen in self.rng.items():    # after any measuring above, which may have drawn
             gen.manual_seed(ssd.derive_seed(s.seed, site))
@@ -280,9 +282,3 @@ class Engine:
             torch.cuda.synchronize(self.device)
             torch.cuda.synchronize(self.draft_device)
 
-
-class _Configs:
-    """What ssd.make_request needs of a model: its config."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg

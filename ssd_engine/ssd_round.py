@@ -30,6 +30,7 @@ Exactness is the reference's (ssd.py): the same rule for every draw, each draw f
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -419,15 +420,7 @@ class SSDRound:
             eng.worker.hand_over()
 
     def _timed(self, stats, name):
-        return self.eng.timed(stats, name, [self.eng.draft_device]) if stats is not None else _nothing()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        return self.eng.timed(stats, name, [self.eng.draft_device]) if stats is not None else contextlib.nullcontext()
 
 
 class DraftWorker:
